@@ -1,0 +1,224 @@
+"""The `secureinfer` command line. Every user error prints one line (problem; fix) and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from typing import Callable, Sequence
+
+from .errors import SecureInferError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line naming the problem and the fix, not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def _bounded(kind: Callable, rule: str, check: Callable) -> Callable:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {rule}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {rule}")
+        return value
+
+    parse.__name__ = rule  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _bounded(int, "an integer >= 1", lambda v: v >= 1)
+non_negative_int = _bounded(int, "an integer >= 0", lambda v: v >= 0)
+temperature = _bounded(float, "a number >= 0 (0 is greedy)", lambda v: 0 <= v < float("inf"))
+probability = _bounded(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="a .gguf file, a .safetensors file or a transformers directory (default: bundled SmolLM2)")
+    p.add_argument("--scheme", default="plain", help="protection scheme (default: plain)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=temperature, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0 (default) disables top-k")
+    p.add_argument("--top-p", type=probability, default=1.0)
+    p.add_argument("--seed", type=non_negative_int, help="sampling seed; set it for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="secureinfer", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = commands.add_parser("generate", help="generate text from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--system", help="system message (with --chat)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
+    _add_model_options(gen)
+    _add_generation_options(gen)
+    gen.set_defaults(run=_generate)
+
+    chat = commands.add_parser("chat", help="an interactive conversation (/reset clears it, /exit or EOF ends it)")
+    chat.add_argument("--system", help="system message")
+    _add_model_options(chat)
+    _add_generation_options(chat)
+    chat.set_defaults(run=_chat)
+
+    info = commands.add_parser("info", help="describe a model file and how secureinfer reads it")
+    info.add_argument("model", nargs="?", help="model path (default: bundled SmolLM2)")
+    info.add_argument("--json", action="store_true")
+    info.add_argument("--quiet", action="store_true", help="no progress bars")
+    info.set_defaults(run=_info)
+
+    bench = commands.add_parser("bench", help="time our engine against transformers, side by side in one run")
+    _add_model_options(bench)
+    bench.add_argument("--max-new-tokens", type=positive_int, default=64)
+    bench.add_argument("--repeats", type=positive_int, default=5)
+    bench.add_argument("--json", action="store_true", help="print the full report as JSON")
+    bench.add_argument("--out", help="also write the JSON report to this file")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def _generation_options(args) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+
+
+def _load(args):
+    from .api import load
+
+    return load(args.model, args.scheme, threads=args.threads, progress=not args.quiet)
+
+
+def _generate(args) -> None:
+    if not args.prompt.strip():
+        raise SecureInferError("the prompt is empty", "pass some text to generate from")
+    lm = _load(args)
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = system + [{"role": "user", "content": args.prompt}]
+    elif args.system:
+        raise SecureInferError("--system needs --chat", "add --chat, or drop --system")
+    else:
+        prompt = args.prompt
+    stream = lm.stream(prompt, **_generation_options(args))
+    for chunk in stream:
+        if args.stream and not args.json:
+            print(chunk, end="", flush=True)
+    result = stream.result
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print("" if args.stream else result.text)
+
+
+def _chat(args) -> None:
+    lm = _load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            messages = list(system)
+            print("(conversation cleared)")
+            continue
+        messages.append({"role": "user", "content": text})
+        try:
+            stream = lm.stream(messages, **_generation_options(args))
+        except SecureInferError:
+            messages.pop()  # keep the conversation as it was before the rejected turn
+            raise
+        print("assistant> ", end="", flush=True)
+        for chunk in stream:
+            print(chunk, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": stream.result.text})
+
+
+def _info(args) -> None:
+    from .model import load_checkpoint
+
+    checkpoint = load_checkpoint(args.model, progress=not args.quiet)
+    from .api import SCHEMES
+
+    cfg = checkpoint.config
+    report = {
+        "source": str(checkpoint.source),
+        "format": checkpoint.format,
+        "architecture": "llama",
+        "parameters": cfg.num_parameters(),
+        "config": cfg.to_dict(),
+        "chat_template": checkpoint.tokenizer.has_chat_template,
+        "tokenizer_vocab": checkpoint.tokenizer.vocab_size,
+        "schemes": list(SCHEMES),
+        **{k: v for k, v in checkpoint.details.items()},
+    }
+    if args.json:
+        print(json.dumps(report))
+        return
+    width = max(map(len, report))
+    for key, value in report.items():
+        if key == "config":
+            for ckey, cvalue in value.items():
+                print(f"  {ckey:<{width}}  {cvalue}")
+        else:
+            print(f"{key:<{width}}  {value}")
+
+
+def _bench(args) -> None:
+    from .bench.speed import run_speed_bench
+
+    run_speed_bench(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except SecureInferError as exc:
+        print(f"secureinfer: error: {exc.problem}; {exc.fix}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("secureinfer: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # a bug of ours: one line by default, the traceback on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"secureinfer: internal error: {type(exc).__name__}: {exc}; rerun with --debug and report it", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

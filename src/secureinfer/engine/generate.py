@@ -1,0 +1,203 @@
+"""The generation loop over any causal model: prefill, incremental decode, stop conditions, streaming and timing."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidRequestError
+from ..model.tokenizer import ChatTokenizer
+from .sampling import GenerationConfig, Sampler
+
+
+class CausalModel(Protocol):
+    """What the loop needs from a model; the in-process engine and every protected runtime provide it."""
+
+    def new_cache(self, batch_size: int, max_len: int): ...
+
+    def forward(self, tokens: Tensor, cache, start: int, pad: Tensor | None = None) -> Tensor: ...
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]  # generated ids, without the end-of-sequence token
+    prompt_tokens: int
+    finish_reason: str  # "eos", "stop" (a stop string), "length" (max_new_tokens or the context end)
+    ttft_s: float
+    decode_tok_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TextStream:
+    """Iterates over text deltas as they are generated; `result` holds the full `GenerationResult` afterwards."""
+
+    def __init__(self, chunks: Iterator[str]):
+        self._chunks = chunks
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._chunks
+
+    def finish(self) -> GenerationResult:
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+class Generator:
+    """Runs requests against one model and tokenizer."""
+
+    def __init__(self, model: CausalModel, tokenizer: ChatTokenizer, context_length: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def prompt_ids(self, prompt: str | Sequence[dict[str, str]]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InvalidRequestError("the prompt is empty", "pass some text to generate from")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = self.tokenizer.apply_chat_template(prompt)
+        if len(ids) >= self.context_length:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the model's context holds {self.context_length}",
+                f"shorten the prompt below {self.context_length} tokens",
+            )
+        return ids
+
+    def stream(self, prompt: str | Sequence[dict[str, str]], config: GenerationConfig) -> TextStream:
+        ids = self.prompt_ids(prompt)  # validated now, so a bad request fails before iteration starts
+        stream = TextStream(iter(()))
+        stream._chunks = self._run(ids, config, stream)
+        return stream
+
+    def generate(self, prompt: str | Sequence[dict[str, str]], config: GenerationConfig) -> GenerationResult:
+        return self.stream(prompt, config).finish()
+
+    def generate_batch(
+        self, prompts: Sequence[str | Sequence[dict[str, str]]], config: GenerationConfig
+    ) -> list[GenerationResult]:
+        """Several prompts in one batch, left-padded to the longest; each row stops on its own."""
+        if not prompts:
+            raise InvalidRequestError("the batch is empty", "pass at least one prompt")
+        ids = [self.prompt_ids(p) for p in prompts]
+        longest = max(map(len, ids))
+        budget = min(config.max_new_tokens, self.context_length - longest)
+        pad = torch.tensor([longest - len(row) for row in ids])
+        filler = next(iter(self.tokenizer.eos_token_ids), 0)  # any id: padding is masked out
+        tokens = torch.tensor([[filler] * int(p) + row for p, row in zip(pad, ids)])
+        cache = self.model.new_cache(len(ids), longest + budget)
+        sampler = Sampler(config)
+        start = time.perf_counter()
+        logits = self.model.forward(tokens, cache, 0, pad=pad)
+        rows = [_BatchRow() for _ in ids]
+        first_token_at = None
+        for step in range(budget):
+            chosen = sampler(logits[:, -1])
+            first_token_at = first_token_at or time.perf_counter()
+            for row, token in zip(rows, chosen.tolist()):
+                row.accept(token, self.tokenizer, config.stop)
+            if all(row.finish for row in rows) or step == budget - 1:
+                break
+            logits = self.model.forward(chosen[:, None], cache, longest + step, pad=pad)
+        elapsed = time.perf_counter() - start
+        return [
+            GenerationResult(
+                text=row.text,
+                tokens=row.tokens,
+                prompt_tokens=len(prompt),
+                finish_reason=row.finish or "length",
+                ttft_s=(first_token_at or start) - start,
+                decode_tok_s=len(row.tokens) / elapsed if elapsed > 0 else 0.0,
+            )
+            for row, prompt in zip(rows, ids)
+        ]
+
+    def _tokens(self, prompt: list[int], config: GenerationConfig, clock: list[float]) -> Iterator[int]:
+        """Yields generated ids; `clock` receives the time each one was ready.
+
+        Lazy on purpose: the next forward runs only when the consumer asks for another token, so a
+        consumer that stops (EOS, stop string) costs no wasted step.
+        """
+        budget = min(config.max_new_tokens, self.context_length - len(prompt))
+        cache = self.model.new_cache(1, len(prompt) + budget)
+        sampler = Sampler(config)
+        logits = self.model.forward(torch.tensor([prompt]), cache, 0)
+        position = len(prompt)
+        for step in range(budget):
+            token = int(sampler(logits[:, -1])[0])
+            clock.append(time.perf_counter())
+            yield token
+            if step == budget - 1:
+                return
+            logits = self.model.forward(torch.tensor([[token]]), cache, position)
+            position += 1
+
+    def _run(self, prompt: list[int], config: GenerationConfig, stream: TextStream) -> Iterator[str]:
+        start = time.perf_counter()
+        clock: list[float] = []
+        generated: list[int] = []
+        emitted, finish = 0, "length"
+        holdback = max((len(s) for s in config.stop), default=1) - 1
+        text = ""
+        for token in self._tokens(prompt, config, clock):
+            if token in self.tokenizer.eos_token_ids and not config.ignore_eos:
+                finish = "eos"
+                break
+            generated.append(token)
+            text = self.tokenizer.decode(generated)
+            cut = _first_stop(text, config.stop, search_from=max(0, emitted - holdback))
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+                break
+            # Hold back what might be the start of a stop string or half of a multi-byte character.
+            ready = len(text) - holdback
+            while ready > emitted and text[ready - 1] == "\ufffd":
+                ready -= 1
+            if ready > emitted:
+                yield text[emitted:ready]
+                emitted = ready
+        if len(text) > emitted:
+            yield text[emitted:]
+        decode_s = clock[-1] - clock[0] if len(clock) > 1 else 0.0
+        stream.result = GenerationResult(
+            text=text,
+            tokens=generated,
+            prompt_tokens=len(prompt),
+            finish_reason=finish,
+            ttft_s=(clock[0] - start) if clock else 0.0,
+            decode_tok_s=(len(clock) - 1) / decode_s if decode_s > 0 else 0.0,
+        )
+
+
+class _BatchRow:
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish: str | None = None
+
+    def accept(self, token: int, tokenizer: ChatTokenizer, stops: tuple[str, ...]) -> None:
+        if self.finish:
+            return
+        if token in tokenizer.eos_token_ids:
+            self.finish = "eos"
+            return
+        self.tokens.append(token)
+        self.text = tokenizer.decode(self.tokens)
+        cut = _first_stop(self.text, stops, search_from=0)
+        if cut is not None:
+            self.text, self.finish = self.text[:cut], "stop"
+
+
+def _first_stop(text: str, stops: tuple[str, ...], search_from: int) -> int | None:
+    hits = [i for s in stops if (i := text.find(s, search_from)) >= 0]
+    return min(hits) if hits else None
