@@ -75,7 +75,7 @@ def load_checkpoint(model: str | os.PathLike | None = None, *, progress: bool = 
             "pass --model with a .gguf file, a .safetensors file or a transformers model directory",
         )
     if path.is_dir():
-        checkpoint = _load_hf_dir(path, safetensors_files(path))
+        checkpoint = _load_hf_dir(path)
     elif path.suffix == ".safetensors":
         checkpoint = _load_hf_dir(path.parent, [path])
         checkpoint.source = path
@@ -90,9 +90,9 @@ def load_checkpoint(model: str | os.PathLike | None = None, *, progress: bool = 
     return checkpoint
 
 
-def _load_hf_dir(directory: Path, files: list[Path]) -> Checkpoint:
+def _load_hf_dir(directory: Path, files: list[Path] | None = None) -> Checkpoint:
     config = read_hf_config(directory)
-    weights = read_safetensors(files)
+    weights = read_safetensors(files or safetensors_files(directory))
     tokenizer = ChatTokenizer.from_dir(directory, config.eos_token_id)
     return Checkpoint(config, weights, tokenizer, directory, "safetensors")
 
