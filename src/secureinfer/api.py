@@ -10,6 +10,7 @@ import torch
 from .engine import GenerationConfig, GenerationResult, Generator, TextStream
 from .errors import InvalidRequestError
 from .model import Checkpoint, Llama, load_checkpoint
+from .model.tokenizer import validate_messages
 
 Messages = Sequence[dict[str, str]]
 
@@ -34,6 +35,7 @@ class SecureLM:
 
     def chat(self, messages: Messages, **options) -> GenerationResult:
         """Answer a conversation (a list of {"role", "content"} dicts) through the model's chat template."""
+        validate_messages(messages)
         return self.generator.generate(messages, GenerationConfig(**options))
 
     def stream(self, prompt: str | Messages, **options) -> TextStream:

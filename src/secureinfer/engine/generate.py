@@ -25,7 +25,7 @@ class CausalModel(Protocol):
 @dataclass
 class GenerationResult:
     text: str
-    tokens: list[int]  # generated ids, without the end-of-sequence token
+    tokens: list[int]  # generated ids; an EOS that ended generation is not included
     prompt_tokens: int
     finish_reason: str  # "eos", "stop" (a stop string), "length" (max_new_tokens or the context end)
     ttft_s: float
@@ -43,12 +43,15 @@ class TextStream:
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
-        yield from self._chunks
+        # The one underlying generator, not a wrapper: a caller that stops reading early must not close it.
+        return self._chunks
 
     def finish(self) -> GenerationResult:
-        for _ in self:
+        """Run the rest of the generation (if any) and return the full result."""
+        for _ in self._chunks:
             pass
-        assert self.result is not None
+        if self.result is None:
+            raise RuntimeError("the stream was closed before it finished; read it to the end or call finish()")
         return self.result
 
 
@@ -105,7 +108,7 @@ class Generator:
             chosen = sampler(logits[:, -1])
             first_token_at = first_token_at or time.perf_counter()
             for row, token in zip(rows, chosen.tolist()):
-                row.accept(token, self.tokenizer, config.stop)
+                row.accept(token, self.tokenizer, config)
             if all(row.finish for row in rows) or step == budget - 1:
                 break
             logits = self.model.forward(chosen[:, None], cache, longest + step, pad=pad)
@@ -185,15 +188,15 @@ class _BatchRow:
         self.text = ""
         self.finish: str | None = None
 
-    def accept(self, token: int, tokenizer: ChatTokenizer, stops: tuple[str, ...]) -> None:
+    def accept(self, token: int, tokenizer: ChatTokenizer, config: GenerationConfig) -> None:
         if self.finish:
             return
-        if token in tokenizer.eos_token_ids:
+        if token in tokenizer.eos_token_ids and not config.ignore_eos:
             self.finish = "eos"
             return
         self.tokens.append(token)
         self.text = tokenizer.decode(self.tokens)
-        cut = _first_stop(self.text, stops, search_from=0)
+        cut = _first_stop(self.text, config.stop, search_from=0)
         if cut is not None:
             self.text, self.finish = self.text[:cut], "stop"
 

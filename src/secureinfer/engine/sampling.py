@@ -36,6 +36,8 @@ class GenerationConfig:
             bad("top_p", self.top_p, "a number in (0, 1]")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             bad("seed", self.seed, "a non-negative integer")
+        if not isinstance(self.stop, (str, list, tuple)):
+            bad("stop", self.stop, "a string or a list of non-empty strings")
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) and s for s in stops):
             bad("stop", self.stop, "non-empty strings")
@@ -62,7 +64,8 @@ class Sampler:
         cfg = self.config
         if cfg.greedy:
             return logits.argmax(dim=-1)
-        logits = logits.float() / cfg.temperature
+        # Shift before dividing: a tiny temperature would otherwise overflow to inf and NaN the softmax.
+        logits = (logits.float() - logits.max(dim=-1, keepdim=True).values) / cfg.temperature
         if cfg.top_k:
             kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -1,0 +1,204 @@
+"""The command line through a real subprocess: every bad input is one line (problem; fix) on stderr
+and exit code 2, never a traceback; good runs print what the Python API computes."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from gguf_fixtures import (
+    TINY_VOCAB_SIZE,
+    write_corrupt_gguf,
+    write_llama_gguf,
+    write_not_gguf,
+    write_truncated_gguf,
+)
+from secureinfer import cli
+from secureinfer.api import SecureLM
+
+EXIT_USAGE = 2
+
+
+def run_cli(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "secureinfer", *args], input=stdin, capture_output=True, text=True, timeout=120
+    )
+
+
+def run_cli_concurrently(commands: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
+    """Each run spends ~2 s importing torch; running them side by side keeps the module fast."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        futures = {name: pool.submit(run_cli, args) for name, args in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, keyword: str) -> None:
+    """Exit 2, nothing on stdout, and stderr is a single `problem; fix` line whose problem names `keyword`."""
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    problem, separator, fix = lines[0].rpartition("; ")
+    assert separator and fix.strip(), f"no fix in {lines[0]!r}"
+    assert keyword in problem, f"{keyword!r} not in {problem!r}"
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+# Case name -> (arguments, a word the problem must contain). "{name}" is a path from `model_files`.
+BAD_INPUT_CASES: dict[str, tuple[list[str], str]] = {
+    "missing-model": (["generate", "hi", "--model", "/nonexistent/x.gguf"], "does not exist"),
+    "info-missing-model": (["info", "/nonexistent/x.gguf"], "does not exist"),
+    "not-gguf": (["generate", "hi", "--model", "{not_gguf}"], "not a GGUF"),
+    "truncated-gguf": (["generate", "hi", "--model", "{truncated}"], "corrupt"),
+    "corrupt-gguf": (["generate", "hi", "--model", "{corrupt}"], "corrupt"),
+    "info-corrupt-gguf": (["info", "{corrupt}"], "corrupt"),
+    "unsupported-architecture": (["generate", "hi", "--model", "{gpt2}"], "'gpt2'"),
+    "empty-prompt": (["generate", "", "--model", "{tiny}"], "empty"),
+    "blank-prompt": (["generate", "   ", "--model", "{tiny}"], "empty"),
+    "prompt-over-context": (["generate", "x" * 40, "--model", "{short}"], "40 tokens"),
+    "system-without-chat": (["generate", "hi", "--model", "{tiny}", "--system", "be brief"], "--system"),
+    "temperature-not-a-number": (["generate", "hi", "--model", "{tiny}", "--temperature", "abc"], "--temperature"),
+    "temperature-negative": (["generate", "hi", "--model", "{tiny}", "--temperature", "-1"], "--temperature"),
+    "top-p-zero": (["generate", "hi", "--model", "{tiny}", "--top-p", "0"], "--top-p"),
+    "top-p-above-one": (["generate", "hi", "--model", "{tiny}", "--top-p", "2"], "--top-p"),
+    "max-new-tokens-zero": (["generate", "hi", "--model", "{tiny}", "--max-new-tokens", "0"], "--max-new-tokens"),
+    "seed-negative": (["generate", "hi", "--model", "{tiny}", "--seed", "-3"], "--seed"),
+    "threads-zero": (["generate", "hi", "--model", "{tiny}", "--threads", "0"], "--threads"),
+    "unknown-scheme": (["generate", "hi", "--model", "{tiny}", "--scheme", "nope"], "scheme 'nope'"),
+    "chat-bad-option": (["chat", "--model", "{tiny}", "--top-k", "-1"], "--top-k"),
+}
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory, tiny_gguf, short_context_gguf, tiny_hf_model) -> dict[str, str]:
+    directory = tmp_path_factory.mktemp("cli-models")
+    files = {
+        "tiny": tiny_gguf,
+        "short": short_context_gguf,
+        "not_gguf": write_not_gguf(directory / "not.gguf"),
+        "truncated": write_truncated_gguf(tiny_gguf, directory / "truncated.gguf"),
+        "corrupt": write_corrupt_gguf(tiny_gguf, directory / "corrupt.gguf"),
+        "gpt2": write_llama_gguf(directory / "gpt2.gguf", tiny_hf_model, arch="gpt2"),
+    }
+    return {name: str(path) for name, path in files.items()}
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(model_files) -> dict[str, subprocess.CompletedProcess]:
+    commands = {
+        name: [arg.format(**model_files) for arg in args] + ["--quiet"]
+        for name, (args, _) in BAD_INPUT_CASES.items()
+    }
+    return run_cli_concurrently(commands)
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
+def test_bad_input_is_one_line_with_a_fix(bad_input_runs, case):
+    assert_one_line_error(bad_input_runs[case], keyword=BAD_INPUT_CASES[case][1])
+
+
+# --- good runs ---------------------------------------------------------------------------------
+
+
+def test_generate_json_matches_the_python_api(tiny_gguf, tiny_lm):
+    result = run_cli(["generate", "hello", "--model", str(tiny_gguf), "--json", "--max-new-tokens", "5", "--quiet"])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1
+    report = json.loads(lines[0])
+    assert {"text", "tokens", "prompt_tokens", "finish_reason", "ttft_s", "decode_tok_s"} <= report.keys()
+    expected = tiny_lm.generate("hello", max_new_tokens=5)
+    assert report["tokens"] == expected.tokens
+    assert report["text"] == expected.text
+    assert report["prompt_tokens"] == expected.prompt_tokens
+    assert len(report["tokens"]) == 5 or report["finish_reason"] == "eos"
+    assert all(isinstance(token, int) for token in report["tokens"])
+    assert report["ttft_s"] > 0 and report["decode_tok_s"] > 0
+
+
+def test_stream_prints_the_same_text_as_a_plain_run(tiny_gguf, tiny_lm):
+    args = ["generate", "hello", "--model", str(tiny_gguf), "--max-new-tokens", "40", "--quiet"]
+    runs = run_cli_concurrently({"plain": args, "stream": args + ["--stream"]})
+    assert [r.returncode for r in runs.values()] == [0, 0], [r.stderr for r in runs.values()]
+    # The text holds partial UTF-8 sequences (replacement characters), which the stream must not split.
+    expected = tiny_lm.generate("hello", max_new_tokens=40).text
+    assert runs["plain"].stdout == runs["stream"].stdout == expected + "\n"
+
+
+def test_info_json_describes_the_tiny_model(tiny_gguf, tiny_hf_model):
+    result = run_cli(["info", str(tiny_gguf), "--json", "--quiet"])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    hf = tiny_hf_model.config
+    config = report["config"]
+    assert (config["num_layers"], config["num_heads"], config["num_kv_heads"]) == (
+        hf.num_hidden_layers,
+        hf.num_attention_heads,
+        hf.num_key_value_heads,
+    )
+    assert (config["hidden_size"], config["intermediate_size"], config["head_dim"]) == (
+        hf.hidden_size,
+        hf.intermediate_size,
+        hf.head_dim,
+    )
+    assert config["vocab_size"] == hf.vocab_size == report["tokenizer_vocab"] == TINY_VOCAB_SIZE
+    assert config["max_position_embeddings"] == hf.max_position_embeddings
+    assert config["rms_norm_eps"] == pytest.approx(hf.rms_norm_eps)
+    assert config["tie_word_embeddings"] is True
+    assert report["parameters"] == sum(p.numel() for p in tiny_hf_model.parameters())
+    assert report["format"] == "gguf"
+    assert report["chat_template"] is True
+
+
+def test_chat_repl_answers_each_turn_and_resets(tiny_gguf):
+    result = run_cli(
+        ["chat", "--model", str(tiny_gguf), "--max-new-tokens", "5", "--quiet"],
+        stdin="hello\n/reset\nagain\n/exit\nnever read\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("assistant> ") for line in lines) == 2
+    assert "(conversation cleared)" in lines
+
+
+def test_chat_repl_keeps_the_conversation(tiny_gguf, monkeypatch, capsys):
+    calls: list[tuple[list[dict], object]] = []
+    real_stream = SecureLM.stream
+
+    def recording_stream(self, prompt, **options):
+        stream = real_stream(self, prompt, **options)
+        calls.append((copy.deepcopy(prompt), stream))  # the REPL appends to the same list later
+        return stream
+
+    monkeypatch.setattr(SecureLM, "stream", recording_stream)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first question\nsecond question\n/reset\nthird question\n"))
+
+    exit_code = cli.main(
+        ["chat", "--model", str(tiny_gguf), "--system", "Be brief.", "--max-new-tokens", "6", "--quiet"]
+    )
+
+    assert exit_code == 0
+    system = {"role": "system", "content": "Be brief."}
+    first_reply = calls[0][1].result.text
+    assert [messages for messages, _ in calls] == [
+        [system, {"role": "user", "content": "first question"}],
+        [
+            system,
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": first_reply},
+            {"role": "user", "content": "second question"},
+        ],
+        [system, {"role": "user", "content": "third question"}],
+    ]
+    assert f"assistant> {first_reply}\n" in capsys.readouterr().out
