@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -109,6 +110,8 @@ def _load_gguf(path: Path, *, progress: bool, use_cache: bool) -> Checkpoint:
         except (ModelLoadError, json.JSONDecodeError):
             shutil.rmtree(cache_dir, ignore_errors=True)  # a damaged cache is rebuilt from the GGUF
 
+    if progress:
+        print(f"secureinfer: first load of {path.name}: dequantizing and caching it (once)", file=sys.stderr)
     gguf_model = GGUFModel(path)
     weights = gguf_model.state_dict(progress=progress)
     tokenizer = ChatTokenizer.from_gguf(path, gguf_model.config.eos_token_id)
