@@ -52,11 +52,22 @@ def tiny_lm(tiny_gguf):
 
 
 @pytest.fixture(scope="session")
-def real_lm():
+def real_checkpoint():
     """The bundled SmolLM2-135M-Instruct (first load dequantizes, ~10 s)."""
-    import secureinfer
+    from secureinfer.model import load_checkpoint
 
-    return secureinfer.load(progress=False)
+    return load_checkpoint(progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_engine(real_checkpoint):
+    """Our in-process engine on the real model: the reference every scheme is held to."""
+    from secureinfer.engine import Generator
+    from secureinfer.model import Llama
+
+    config = real_checkpoint.config
+    model = Llama.from_state_dict(config, real_checkpoint.weights)
+    return Generator(model, real_checkpoint.tokenizer, config.max_position_embeddings)
 
 
 @pytest.fixture(scope="session")

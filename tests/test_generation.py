@@ -8,6 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 import secureinfer
+from secureinfer.plan import PRESETS
 from gguf_fixtures import EOS_TOKEN_ID
 from secureinfer import InvalidRequestError
 
@@ -387,7 +388,7 @@ def test_generate_rejects_a_message_list(tiny_lm):
 def test_unknown_scheme_lists_the_known_ones(tiny_gguf):
     with pytest.raises(InvalidRequestError, match="unknown scheme 'nope'") as excinfo:
         secureinfer.load(tiny_gguf, scheme="nope", progress=False)
-    assert all(scheme in excinfo.value.fix for scheme in secureinfer.SCHEMES)
+    assert all(scheme in excinfo.value.fix for scheme in PRESETS)
 
 
 @pytest.mark.parametrize("threads", [0, -2, 1.5, True])

@@ -113,7 +113,7 @@ def test_transformers_directory_and_safetensors_file_load(hf_directory, tiny_hf_
     for name, tensor in lm.checkpoint.weights.items():
         assert torch.equal(tensor, expected[name]), name
     ids = lm.tokenizer.encode(TEXTS[0])
-    logits = lm.model.forward(torch.tensor([ids]), lm.model.new_cache(1, len(ids)), 0)
+    logits = lm.runtime.forward(torch.tensor([ids]), lm.runtime.new_cache(1, len(ids)), 0)
     with torch.no_grad():
         torch.testing.assert_close(logits[0, -1], tiny_hf_model(torch.tensor([ids])).logits[0, -1], rtol=0, atol=1e-5)
 

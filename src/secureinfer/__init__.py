@@ -1,17 +1,26 @@
-"""secureinfer: LLaMA inference split between a trusted enclave and an untrusted accelerator."""
+"""secureinfer: LLaMA inference split between a trusted enclave and an untrusted accelerator.
 
-from .api import SCHEMES, SecureLM, load
-from .engine import GenerationConfig, GenerationResult
-from .errors import InvalidRequestError, ModelLoadError, SecureInferError
+The public names load lazily (PEP 562), so that the device process, which imports
+`secureinfer.device`, never loads the enclave's code.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = [
-    "SCHEMES",
-    "GenerationConfig",
-    "GenerationResult",
-    "InvalidRequestError",
-    "ModelLoadError",
-    "SecureInferError",
-    "SecureLM",
-    "load",
-]
+
+_EXPORTS = {
+    "load": "api",
+    "SecureLM": "api",
+    "GenerationConfig": "engine",
+    "GenerationResult": "engine",
+    "SecureInferError": "errors",
+    "ModelLoadError": "errors",
+    "InvalidRequestError": "errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'secureinfer' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

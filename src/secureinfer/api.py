@@ -2,35 +2,61 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
 import torch
 
+from .channel import open_channel
+from .enclave import EnclaveRuntime
 from .engine import GenerationConfig, GenerationResult, Generator, TextStream
 from .errors import InvalidRequestError
-from .model import Checkpoint, Llama, load_checkpoint
+from .model import Checkpoint, load_checkpoint
+from .model.llama import LlamaWeights
 from .model.tokenizer import validate_messages
+from .plan import PRESETS, build_plan
+from .plan.costs import PlanCosts, plan_costs
 
 Messages = Sequence[dict[str, str]]
-
-# Schemes runnable in this build. Protected schemes register here as they land.
-SCHEMES = ("plain",)
+CHANNELS = ("process", "inprocess")
+DEVICES = ("cpu", "cuda")
 
 
 class SecureLM:
-    """A loaded model under one protection scheme."""
+    """A loaded model under one scheme: a trusted runtime in this process, an untrusted device behind a channel."""
 
-    def __init__(self, checkpoint: Checkpoint, scheme: str):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        scheme: str = "plain",
+        *,
+        channel: str = "process",
+        device: str = "cpu",
+        record_view: str | os.PathLike | None = None,
+        epc_bytes: int | None = None,
+        device_timeout_s: float = 60.0,
+        threads: int | None = None,
+        harden: bool = True,
+    ):
+        _check_choice("channel", channel, CHANNELS)
+        _check_choice("device", device, DEVICES)
         self.checkpoint = checkpoint
         self.scheme = scheme
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
-        self.model = Llama.from_state_dict(checkpoint.config, checkpoint.weights)
-        self.generator = Generator(self.model, self.tokenizer, checkpoint.config.max_position_embeddings)
+        self.plan = build_plan(scheme, checkpoint.config)
+        open_device = functools.partial(
+            open_channel, channel, device=device, record_view=record_view, timeout_s=device_timeout_s, threads=threads
+        )
+        weights = LlamaWeights.from_state_dict(checkpoint.config, checkpoint.weights)
+        self.runtime = EnclaveRuntime(
+            checkpoint.config, weights, self.plan, open_device, epc_bytes=epc_bytes, harden=harden
+        )
+        self.generator = Generator(self.runtime, self.tokenizer, checkpoint.config.max_position_embeddings)
 
     def generate(self, prompt: str, **options) -> GenerationResult:
-        """Continue `prompt` as raw text. Options: max_new_tokens, temperature, top_k, top_p, seed, stop."""
+        """Continue `prompt` as raw text. Options: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos."""
         return self.generator.generate(_require_text(prompt), GenerationConfig(**options))
 
     def chat(self, messages: Messages, **options) -> GenerationResult:
@@ -45,6 +71,27 @@ class SecureLM:
     def generate_batch(self, prompts: Sequence[str], **options) -> list[GenerationResult]:
         return self.generator.generate_batch([_require_text(p) for p in prompts], GenerationConfig(**options))
 
+    def costs(self, context: int, tokens: int = 1) -> PlanCosts:
+        """The plan's analytic costs for one forward of `tokens` positions at `context` cached positions."""
+        return plan_costs(self.plan, context, tokens)
+
+    def stats(self) -> dict:
+        """Measured counters since the last reset: round trips, bytes, time breakdown, enclave memory, hardening."""
+        return self.runtime.stats()
+
+    def restart_device(self) -> None:
+        """Start a fresh device (after it died or hung) and re-upload its public weights; then retry the request."""
+        self.runtime.restart_device()
+
+    def close(self) -> None:
+        self.runtime.close()
+
+    def __enter__(self) -> "SecureLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def load(
     model: str | os.PathLike | None = None,
@@ -52,15 +99,24 @@ def load(
     *,
     threads: int | None = None,
     progress: bool = True,
+    **runtime_options,
 ) -> SecureLM:
-    """Load `model` (a .gguf, .safetensors or transformers directory; default: the bundled SmolLM2) under `scheme`."""
-    if scheme not in SCHEMES:
-        raise InvalidRequestError(f"unknown scheme {scheme!r}", f"use one of: {', '.join(SCHEMES)}")
+    """Load `model` (a .gguf, .safetensors or transformers directory; default: the bundled SmolLM2) under `scheme`.
+
+    Runtime options: channel ("process" default, or "inprocess"), device ("cpu" or "cuda"),
+    record_view (a directory for the device view), epc_bytes, device_timeout_s, harden.
+    """
+    _check_choice("scheme", scheme, tuple(PRESETS))
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise InvalidRequestError(f"threads={threads!r} is invalid", "use an integer >= 1")
         torch.set_num_threads(threads)
-    return SecureLM(load_checkpoint(model, progress=progress), scheme)
+    return SecureLM(load_checkpoint(model, progress=progress), scheme, threads=threads, **runtime_options)
+
+
+def _check_choice(option: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InvalidRequestError(f"unknown {option} {value!r}", f"use one of: {', '.join(choices)}")
 
 
 def _require_text(prompt) -> str:

@@ -38,13 +38,37 @@ positive_int = _bounded(int, "an integer >= 1", lambda v: v >= 1)
 non_negative_int = _bounded(int, "an integer >= 0", lambda v: v >= 0)
 temperature = _bounded(float, "a number >= 0 (0 is greedy)", lambda v: 0 <= v < float("inf"))
 probability = _bounded(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+positive_seconds = _bounded(float, "a number of seconds > 0", lambda v: 0 < v < float("inf"))
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GIB": 1 << 30}
+
+
+def memory_size(text: str) -> int:
+    """Bytes from '90MiB', '128M', '512GiB' or a plain integer."""
+    number = text.rstrip("KMGiBkmgib")
+    unit = text[len(number) :].upper()
+    try:
+        value = float(number) * _SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 90MiB, 128M or 1073741824") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size > 0")
+    return int(value)
+
+
+memory_size.__name__ = "a size like 90MiB"
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a .gguf file, a .safetensors file or a transformers directory (default: bundled SmolLM2)")
-    p.add_argument("--scheme", default="plain", help="protection scheme (default: plain)")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--scheme", default="plain", help="protection scheme: plain (default) or enclave; see `secureinfer plan`")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads per process (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", default="cpu", help="where the untrusted device computes: cpu (default) or cuda")
+    p.add_argument("--channel", default="process", help="process (default: a separate device process) or inprocess")
+    p.add_argument("--record-view", metavar="DIR", help="dump everything the device holds, receives and sends to DIR")
+    p.add_argument("--epc", type=memory_size, help="enclave memory budget, e.g. 90MiB (default: no limit)")
+    p.add_argument("--device-timeout", type=positive_seconds, default=60.0, help="seconds to wait for a device reply")
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -83,8 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--quiet", action="store_true", help="no progress bars")
     info.set_defaults(run=_info)
 
-    bench = commands.add_parser("bench", help="time our engine against transformers, side by side in one run")
-    _add_model_options(bench)
+    plan = commands.add_parser("plan", help="print a scheme's placement table and analytic per-token costs")
+    plan.add_argument("--scheme", default="plain")
+    plan.add_argument("--model", help="model whose shapes to cost (default: bundled SmolLM2)")
+    plan.add_argument("--context", type=positive_int, default=256, help="cached positions for the decode costs")
+    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--quiet", action="store_true", help="no progress bars")
+    plan.set_defaults(run=_plan)
+
+    bench = commands.add_parser(
+        "bench", help="time our engine, transformers and each scheme side by side in one run"
+    )
+    bench.add_argument("--model", help="model path (default: bundled SmolLM2)")
+    bench.add_argument("--scheme", action="append", help="scheme to time (repeatable; default: plain and enclave)")
+    bench.add_argument("--threads", type=positive_int, help="torch CPU threads per process")
+    bench.add_argument("--channel", default="process", help="process (default) or inprocess")
+    bench.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.add_argument("--max-new-tokens", type=positive_int, default=64)
     bench.add_argument("--repeats", type=positive_int, default=5)
     bench.add_argument("--json", action="store_true", help="print the full report as JSON")
@@ -107,13 +146,27 @@ def _generation_options(args) -> dict:
 def _load(args):
     from .api import load
 
-    return load(args.model, args.scheme, threads=args.threads, progress=not args.quiet)
+    return load(
+        args.model,
+        args.scheme,
+        threads=args.threads,
+        progress=not args.quiet,
+        channel=args.channel,
+        device=args.device,
+        record_view=args.record_view,
+        epc_bytes=args.epc,
+        device_timeout_s=args.device_timeout,
+    )
 
 
 def _generate(args) -> None:
     if not args.prompt.strip():
         raise SecureInferError("the prompt is empty", "pass some text to generate from")
-    lm = _load(args)
+    with _load(args) as lm:
+        _generate_with(lm, args)
+
+
+def _generate_with(lm, args) -> None:
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         prompt = system + [{"role": "user", "content": args.prompt}]
@@ -133,7 +186,11 @@ def _generate(args) -> None:
 
 
 def _chat(args) -> None:
-    lm = _load(args)
+    with _load(args) as lm:
+        _chat_with(lm, args)
+
+
+def _chat_with(lm, args) -> None:
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()
@@ -166,8 +223,9 @@ def _chat(args) -> None:
 def _info(args) -> None:
     from .model import load_checkpoint
 
+    from .plan import PRESETS
+
     checkpoint = load_checkpoint(args.model, progress=not args.quiet)
-    from .api import SCHEMES
 
     cfg = checkpoint.config
     report = {
@@ -178,7 +236,7 @@ def _info(args) -> None:
         "config": cfg.to_dict(),
         "chat_template": checkpoint.tokenizer.has_chat_template,
         "tokenizer_vocab": checkpoint.tokenizer.vocab_size,
-        "schemes": list(SCHEMES),
+        "schemes": list(PRESETS),
         **{k: v for k, v in checkpoint.details.items()},
     }
     if args.json:
@@ -191,6 +249,35 @@ def _info(args) -> None:
                 print(f"  {ckey:<{width}}  {cvalue}")
         else:
             print(f"{key:<{width}}  {value}")
+
+
+def _plan(args) -> None:
+    from .model import load_checkpoint
+    from .plan import PRESETS, build_plan
+    from .plan.costs import plan_costs
+
+    if args.scheme not in PRESETS:
+        raise SecureInferError(f"unknown scheme {args.scheme!r}", f"use one of: {', '.join(PRESETS)}")
+    config = load_checkpoint(args.model, progress=not args.quiet).config
+    plan = build_plan(args.scheme, config)
+    costs = plan_costs(plan, context=args.context)
+    if args.json:
+        print(json.dumps({"scheme": plan.name, "placements": plan.describe(), "costs": costs.to_dict()}))
+        return
+    print(f"scheme {plan.name}: {PRESETS[plan.name].summary}\n")
+    print(f"{'op':<14} {'placement':<40} transform")
+    for row in plan.describe():
+        print(f"{row['op']:<14} {row['placement']:<40} {row['transform']}")
+    mib = 1 << 20
+    print(f"\nper decode token at {costs.context} cached positions (analytic):")
+    print(f"  enclave FLOPs        {costs.enclave_flops:,}")
+    print(f"  device FLOPs         {costs.device_flops:,}")
+    print(f"  round trips          {costs.round_trips}")
+    print(f"  bytes to device      {costs.bytes_to_device:,}")
+    print(f"  bytes from device    {costs.bytes_from_device:,}")
+    print(f"  enclave resident     {costs.enclave_resident_bytes / mib:,.1f} MiB "
+          f"(weights {costs.enclave_weight_bytes / mib:,.1f} + KV cache {costs.enclave_kv_bytes / mib:,.1f})")
+    print(f"  device resident      {(costs.device_weight_bytes + costs.device_kv_bytes) / mib:,.1f} MiB")
 
 
 def _bench(args) -> None:

@@ -1,7 +1,10 @@
-"""Our engine against transformers' `generate`: same weights, same threads, same prompt, in one run.
+"""Speed, side by side in one run: our in-process engine, transformers' `generate`, and each scheme
+through the real trust boundary. Same weights, threads and prompt for all.
 
-Runs alternate between the two engines so drift on a shared machine hits both alike. Decode speed
-is (tokens - 1) / (time of last token - time of first token); time to first token includes prefill.
+Runs go round-robin over the runners, so drift on a shared machine hits all alike. Decode speed is
+(tokens - 1) / (time of last token - time of first token); time to first token includes prefill.
+For schemes, the channel's measured round trips and bytes are reported next to the plan's
+analytic figures, with a time breakdown (enclave compute, device compute, transfer).
 """
 
 from __future__ import annotations
@@ -10,23 +13,37 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..api import SecureLM
-from ..engine import GenerationConfig
-from ..model import load_checkpoint
+from ..engine import GenerationConfig, Generator
+from ..model import Checkpoint, Llama, load_checkpoint
+from ..plan.costs import plan_costs
 
 BENCH_MESSAGES = [{"role": "user", "content": "Explain in detail how a steam engine works, step by step."}]
 DECODE_TARGET, DECODE_STRETCH, SECOND_LOAD_LIMIT_S = 1.0, 1.5, 2.0
+ENGINE, TRANSFORMERS = "engine (in-process)", "transformers generate"
 
 
 @dataclass
-class Timing:
-    ttft_s: float
-    decode_tok_s: float
+class Runner:
+    name: str
+    run: Callable[[int], tuple[float, float]]  # new tokens -> (ttft_s, decode_tok_s)
+    ttft_s: list[float] = field(default_factory=list)
+    decode_tok_s: list[float] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def time(self, new_tokens: int) -> None:
+        ttft, decode = self.run(new_tokens)
+        self.ttft_s.append(ttft)
+        self.decode_tok_s.append(decode)
+
+    def summary(self) -> dict:
+        return {"ttft_s": summarize(self.ttft_s), "decode_tok_s": summarize(self.decode_tok_s), **self.extra}
 
 
 def summarize(values: list[float]) -> dict:
@@ -49,33 +66,66 @@ class _TokenClock:
         pass
 
 
-def _transformers_model(lm: SecureLM):
+def transformers_runner(checkpoint: Checkpoint, prompt_ids: list[int]) -> Runner:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(**lm.config.to_hf_config())).eval()
-    model.load_state_dict(lm.checkpoint.weights, strict=not lm.config.tie_word_embeddings)
+    model = LlamaForCausalLM(LlamaConfig(**checkpoint.config.to_hf_config())).eval()
+    model.load_state_dict(checkpoint.weights, strict=not checkpoint.config.tie_word_embeddings)
     model.generation_config.eos_token_id = None  # exactly the requested steps, as ours with ignore_eos
-    return model
+
+    def run(new_tokens: int) -> tuple[float, float]:
+        clock = _TokenClock()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock
+            )
+        return clock.times[0] - start, (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+
+    return Runner(TRANSFORMERS, run)
 
 
-def time_transformers(model, prompt_ids: list[int], new_tokens: int) -> Timing:
-    clock = _TokenClock()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(
-            torch.tensor([prompt_ids]),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-            streamer=clock,
-        )
-    decode_s = clock.times[-1] - clock.times[0]
-    return Timing(clock.times[0] - start, (len(clock.times) - 1) / decode_s)
+def generator_runner(name: str, generator: Generator) -> Runner:
+    def run(new_tokens: int) -> tuple[float, float]:
+        result = generator.generate(BENCH_MESSAGES, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
+        return result.ttft_s, result.decode_tok_s
+
+    return Runner(name, run)
 
 
-def time_ours(lm: SecureLM, new_tokens: int) -> Timing:
-    result = lm.generator.generate(BENCH_MESSAGES, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
-    return Timing(result.ttft_s, result.decode_tok_s)
+def scheme_runner(lm: SecureLM, prompt_tokens: int) -> Runner:
+    """Times a scheme and, per run, compares its measured channel traffic with the plan's analytic costs."""
+    runner = generator_runner(lm.scheme, lm.generator)
+    timed = runner.run
+
+    def run(new_tokens: int) -> tuple[float, float]:
+        lm.runtime.reset_stats()
+        result = timed(new_tokens)
+        stats = lm.stats()
+        prefill = lm.costs(context=prompt_tokens, tokens=prompt_tokens)
+        decode = lm.costs(context=prompt_tokens + new_tokens // 2)
+        steps = new_tokens - 1  # forwards after the prefill
+        per_token = lambda total: total / new_tokens  # noqa: E731 - one forward per generated token
+        runner.extra = {
+            "measured_per_token": {
+                "round_trips": per_token(stats["channel"]["round_trips"]),
+                "bytes_to_device": per_token(stats["channel"]["payload_bytes_sent"]),
+                "bytes_from_device": per_token(stats["channel"]["payload_bytes_received"]),
+                **{k: per_token(v) for k, v in stats["time"].items()},
+            },
+            "analytic_per_token": {
+                "round_trips": per_token(prefill.round_trips + steps * decode.round_trips),
+                "bytes_to_device": per_token(prefill.bytes_to_device + steps * decode.bytes_to_device),
+                "bytes_from_device": per_token(prefill.bytes_from_device + steps * decode.bytes_from_device),
+                "enclave_flops": decode.enclave_flops,
+                "device_flops": decode.device_flops,
+            },
+            "enclave_memory": stats["memory"],
+        }
+        return result.ttft_s, result.decode_tok_s
+
+    runner.run = run
+    return runner
 
 
 def run_speed_bench(args) -> dict:
@@ -83,46 +133,50 @@ def run_speed_bench(args) -> dict:
         torch.set_num_threads(args.threads)
     first = load_checkpoint(args.model, progress=not args.quiet)
     second = load_checkpoint(args.model, progress=False)
-    lm = SecureLM(second, args.scheme)
-    reference = _transformers_model(lm)
-    prompt_ids = lm.tokenizer.apply_chat_template(BENCH_MESSAGES)
+    tokenizer = second.tokenizer
+    prompt_ids = tokenizer.apply_chat_template(BENCH_MESSAGES)
+    engine = Generator(Llama.from_state_dict(second.config, second.weights), tokenizer, second.config.max_position_embeddings)
+    schemes = [
+        SecureLM(second, scheme, channel=args.channel, device=args.device, threads=args.threads)
+        for scheme in dict.fromkeys(args.scheme or ["plain", "enclave"])
+    ]
+    runners = [
+        generator_runner(ENGINE, engine),
+        transformers_runner(second, prompt_ids),
+        *[scheme_runner(lm, len(prompt_ids)) for lm in schemes],
+    ]
+    try:
+        for runner in runners:
+            runner.run(4)  # warm-up: allocator, thread pools, the device's first step
+        for _ in range(args.repeats):
+            for runner in runners:
+                runner.time(args.max_new_tokens)
+    finally:
+        for lm in schemes:
+            lm.close()
 
-    time_ours(lm, 4), time_transformers(reference, prompt_ids, 4)  # warm-up: allocator, thread pools
-    ours, theirs = [], []
-    for _ in range(args.repeats):
-        ours.append(time_ours(lm, args.max_new_tokens))
-        theirs.append(time_transformers(reference, prompt_ids, args.max_new_tokens))
-
+    results = {runner.name: runner.summary() for runner in runners}
     report = {
         "model": str(second.source),
-        "scheme": args.scheme,
         "threads": torch.get_num_threads(),
+        "channel": args.channel,
+        "device": args.device,
         "prompt_tokens": len(prompt_ids),
         "new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
-        "machine": f"{platform.machine()}, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "load": {
             "first_s": first.details["load_s"],
             "first_cache_hit": first.details.get("cache_hit"),
             "second_s": second.details["load_s"],
         },
-        "secureinfer": {
-            "ttft_s": summarize([t.ttft_s for t in ours]),
-            "decode_tok_s": summarize([t.decode_tok_s for t in ours]),
-        },
-        "transformers": {
-            "ttft_s": summarize([t.ttft_s for t in theirs]),
-            "decode_tok_s": summarize([t.decode_tok_s for t in theirs]),
-        },
+        "results": results,
+        "ratios": _ratios(results),
     }
-    decode_ratio = report["secureinfer"]["decode_tok_s"]["median"] / report["transformers"]["decode_tok_s"]["median"]
-    report["ratios"] = {
-        "decode_speedup": decode_ratio,
-        "ttft_speedup": report["transformers"]["ttft_s"]["median"] / report["secureinfer"]["ttft_s"]["median"],
-    }
+    decode_ratio = report["ratios"][ENGINE]["decode_vs_transformers"]
     report["targets"] = {
-        f"decode >= {DECODE_TARGET}x transformers": decode_ratio >= DECODE_TARGET,
-        f"decode >= {DECODE_STRETCH}x transformers (stretch)": decode_ratio >= DECODE_STRETCH,
+        f"engine decode >= {DECODE_TARGET}x transformers": decode_ratio >= DECODE_TARGET,
+        f"engine decode >= {DECODE_STRETCH}x transformers (stretch)": decode_ratio >= DECODE_STRETCH,
         f"second load < {SECOND_LOAD_LIMIT_S} s": second.details["load_s"] < SECOND_LOAD_LIMIT_S,
     }
     if args.out:
@@ -131,25 +185,61 @@ def run_speed_bench(args) -> dict:
     return report
 
 
-def to_markdown(report: dict) -> str:
-    def row(name: str, side: dict) -> str:
-        ttft, decode = side["ttft_s"], side["decode_tok_s"]
-        return (
-            f"| {name} | {ttft['median'] * 1000:.1f} ({ttft['min'] * 1000:.1f}-{ttft['max'] * 1000:.1f}) "
-            f"| {decode['median']:.1f} ({decode['min']:.1f}-{decode['max']:.1f}) |"
-        )
+def _ratios(results: dict) -> dict:
+    def median(name: str, metric: str) -> float | None:
+        return results[name][metric]["median"] if name in results else None
 
-    ratios, load = report["ratios"], report["load"]
+    out = {}
+    for name in results:
+        decode = median(name, "decode_tok_s")
+        out[name] = {
+            f"decode_vs_{ref}": decode / median(ref_name, "decode_tok_s")
+            for ref, ref_name in (("transformers", TRANSFORMERS), ("plain", "plain"), ("enclave", "enclave"))
+            if ref_name in results
+        }
+    return out
+
+
+def to_markdown(report: dict) -> str:
+    results, ratios = report["results"], report["ratios"]
     lines = [
-        f"{report['model']}: {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, "
-        f"{report['threads']} threads, median (min-max) of {report['repeats']} runs",
+        f"{Path(report['model']).name}: {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, "
+        f"{report['threads']} threads, {report['channel']} channel, device {report['device']}; "
+        f"median (min-max) of {report['repeats']} runs, round-robin",
         "",
-        "| engine | time to first token, ms | decode, tokens/s |",
-        "|---|---|---|",
-        row("secureinfer (plain)", report["secureinfer"]),
-        row("transformers generate", report["transformers"]),
+        "| runner | time to first token, ms | decode, tokens/s | decode vs transformers | vs plain | vs enclave |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, result in results.items():
+        ttft, decode = result["ttft_s"], result["decode_tok_s"]
+        ratio = ratios[name]
+        cell = lambda key: f"{ratio[key]:.2f}x" if key in ratio else "-"  # noqa: E731
+        lines.append(
+            f"| {name} | {ttft['median'] * 1000:.1f} ({ttft['min'] * 1000:.1f}-{ttft['max'] * 1000:.1f}) "
+            f"| {decode['median']:.1f} ({decode['min']:.1f}-{decode['max']:.1f}) "
+            f"| {cell('decode_vs_transformers')} | {cell('decode_vs_plain')} | {cell('decode_vs_enclave')} |"
+        )
+    schemes = {name: r for name, r in results.items() if "measured_per_token" in r}
+    if schemes:
+        lines += [
+            "",
+            "Per generated token (last run), measured / analytic:",
+            "",
+            "| scheme | round trips | bytes to device | bytes from device | enclave compute ms | device compute ms | transfer ms | enclave peak MiB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in schemes.items():
+            m, a = r["measured_per_token"], r["analytic_per_token"]
+            lines.append(
+                f"| {name} | {m['round_trips']:.2f} / {a['round_trips']:.2f} "
+                f"| {m['bytes_to_device']:,.0f} / {a['bytes_to_device']:,.0f} "
+                f"| {m['bytes_from_device']:,.0f} / {a['bytes_from_device']:,.0f} "
+                f"| {m['enclave_compute_s'] * 1000:.2f} | {m['device_compute_s'] * 1000:.2f} | {m['transfer_s'] * 1000:.2f} "
+                f"| {r['enclave_memory']['peak_bytes'] / (1 << 20):,.1f} |"
+            )
+    load = report["load"]
+    lines += [
         "",
-        f"decode speed-up {ratios['decode_speedup']:.2f}x, time-to-first-token speed-up {ratios['ttft_speedup']:.2f}x",
         f"model load: first {load['first_s']:.2f} s (cache hit: {load['first_cache_hit']}), second {load['second_s']:.2f} s",
         "",
         *[f"- [{'x' if met else ' '}] {target}" for target, met in report["targets"].items()],

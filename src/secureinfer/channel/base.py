@@ -1,0 +1,130 @@
+"""The channel contract: request/reply over the trust boundary, the counters every channel keeps, its errors."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..errors import SecureInferError
+from .wire import ERROR, OK, EncodedFrame, Frame, Tensors, encode_frame
+
+RESTART_FIX = "restart the device (SecureLM.restart_device()) and retry the request"
+
+
+class DeviceError(SecureInferError):
+    """The untrusted device did not serve a request."""
+
+    def __init__(self, problem: str, fix: str = RESTART_FIX):
+        super().__init__(problem, fix)
+
+
+class DeviceDied(DeviceError):
+    """The device process is gone (exited, killed, or closed its end), or the channel was already closed."""
+
+
+class DeviceTimeout(DeviceError):
+    """No reply within the channel's timeout; the device is presumed hung and has been stopped."""
+
+
+class DeviceProtocolError(DeviceError):
+    """The device sent a frame that breaks the wire format or the request/reply protocol."""
+
+
+class DeviceFailed(DeviceError):
+    """The device answered with an error (an op raised, say). The channel stays usable."""
+
+    def __init__(self, problem: str, device_traceback: str | None = None):
+        super().__init__(
+            problem, "the device is still serving: fix the request, or restart the device if it keeps failing"
+        )
+        self.device_traceback = device_traceback
+
+
+@dataclass
+class ChannelCounters:
+    """What crossed the boundary since the last reset. Payload counts tensor bytes; frame counts everything."""
+
+    round_trips: int = 0
+    payload_bytes_sent: int = 0
+    payload_bytes_received: int = 0
+    frame_bytes_sent: int = 0
+    frame_bytes_received: int = 0
+    wait_s: float = 0.0  # from sending a request to having its reply decoded
+    device_compute_s: float = 0.0  # as the device reports it; wait_s minus this is transport and queueing
+
+    def add(self, request: EncodedFrame, reply: Frame, wait_s: float, compute_s: float) -> None:
+        self.round_trips += 1
+        self.payload_bytes_sent += request.payload_nbytes
+        self.payload_bytes_received += reply.payload_nbytes
+        self.frame_bytes_sent += request.nbytes
+        self.frame_bytes_received += reply.nbytes
+        self.wait_s += wait_s
+        self.device_compute_s += compute_s
+
+    def reset(self) -> None:
+        for field in fields(self):
+            setattr(self, field.name, field.default)
+
+    def snapshot(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Channel(ABC):
+    """One device behind the boundary. `request` sends a message and returns the device's reply.
+
+    Transport failures (death, timeout, a malformed frame) close the channel for good: the stream
+    may be out of step, so every later request raises DeviceDied. A DeviceFailed reply does not.
+    """
+
+    def __init__(self) -> None:
+        self.counters = ChannelCounters()
+        self._closed = False
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed
+
+    def request(
+        self, kind: str, meta: dict[str, Any] | None = None, tensors: Tensors | None = None
+    ) -> tuple[dict[str, Any], Tensors]:
+        if not self.alive:
+            raise DeviceDied(f"cannot send {kind!r}: the device channel is closed")
+        request = encode_frame(kind, meta or {}, tensors or {})
+        started = time.perf_counter()
+        try:
+            reply = self._exchange(kind, request)
+        except BaseException:  # an interrupted exchange, too, leaves the stream out of step
+            self._abandon()
+            raise
+        wait_s = time.perf_counter() - started
+        compute_s = reply.meta.get("compute_s", 0.0)
+        if reply.kind not in (OK, ERROR) or not isinstance(compute_s, (int, float)):
+            self._abandon()
+            raise DeviceProtocolError(
+                f"the device answered {kind!r} with a {reply.kind!r} frame and compute_s={compute_s!r}"
+            )
+        self.counters.add(request, reply, wait_s, compute_s)
+        if reply.kind == ERROR:
+            message, device_traceback = reply.meta.get("message"), reply.meta.get("traceback")
+            raise DeviceFailed(f"the device failed to handle {kind!r}: {message}", device_traceback)
+        return reply.meta, reply.tensors
+
+    @abstractmethod
+    def _exchange(self, kind: str, request: EncodedFrame) -> Frame:
+        """Deliver one request and return its reply, raising a DeviceError on any transport failure."""
+
+    @abstractmethod
+    def _abandon(self) -> None:
+        """Close at once after a failure, without asking the device anything."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Ask the device to finish (flushing any view it records) and release it. Safe to call twice."""
+
+    def __enter__(self) -> "Channel":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

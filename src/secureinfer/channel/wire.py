@@ -1,0 +1,222 @@
+"""The frame format both sides of the boundary speak.
+
+One frame is a 16-byte prefix (two little-endian u64: header length, payload length), a UTF-8 JSON
+header `{"kind", "meta", "tensors": [{"name", "dtype", "shape", "nbytes"}, ...]}`, then the
+tensors' raw bytes (contiguous, native little-endian) concatenated in header order.
+
+Sending writes each tensor's own memory (no copy for a contiguous CPU tensor). Receiving allocates
+each tensor with `torch.empty` and reads the socket straight into it: one copy off the socket, every
+tensor aligned and owning its storage, so no decoded tensor aliases another or a shared buffer.
+
+Everything read is untrusted: any malformed frame raises `ProtocolError`, never a hang or a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+PREFIX = struct.Struct("<QQ")  # header-JSON length, payload length
+MAX_HEADER_BYTES = 64 << 20
+IOV_MAX = 1024  # Linux caps the buffers one sendmsg call may take
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+# Reply kinds. A request's kind names the operation; its reply is one of these.
+OK = "ok"
+ERROR = "error"
+# The device's first frame, unprompted, once it has started and can serve (see ProcessChannel).
+READY = "ready"
+
+Tensors = dict[str, Tensor]
+ReadInto = Callable[[memoryview], None]  # fills the whole view, or raises
+
+
+class ProtocolError(ValueError):
+    """A frame that breaks the format: bad lengths, bad JSON, unknown dtype, sizes that disagree."""
+
+
+@dataclass
+class Frame:
+    """A decoded frame. `nbytes` counts the whole frame; `payload_nbytes` the tensor bytes alone."""
+
+    kind: str
+    meta: dict[str, Any]
+    tensors: Tensors
+    nbytes: int
+    payload_nbytes: int
+
+
+@dataclass
+class EncodedFrame:
+    """A frame ready to send: the prefix and header as the first buffer, then one buffer per tensor."""
+
+    buffers: list[memoryview]
+    nbytes: int
+    payload_nbytes: int
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self.buffers)
+
+
+def encode_frame(kind: str, meta: dict[str, Any], tensors: Tensors) -> EncodedFrame:
+    if not isinstance(kind, str) or not isinstance(meta, dict):
+        raise ProtocolError(f"a frame needs a str kind and a dict meta, not {type(kind).__name__}, {type(meta).__name__}")
+    entries, buffers = [], []
+    for name, tensor in tensors.items():
+        if tensor.dtype not in DTYPE_NAMES:
+            raise ProtocolError(f"tensor {name!r} has dtype {tensor.dtype}; frames carry only {sorted(DTYPES)}")
+        raw = _tensor_bytes(tensor)
+        dtype = DTYPE_NAMES[tensor.dtype]
+        entries.append({"name": name, "dtype": dtype, "shape": list(tensor.shape), "nbytes": raw.nbytes})
+        buffers.append(raw)
+    try:
+        header = json.dumps({"kind": kind, "meta": meta, "tensors": entries}, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as error:
+        raise ProtocolError(f"the meta of a {kind!r} frame is not JSON-serializable: {error}") from None
+    if len(header) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"a {kind!r} frame's header is {len(header)} bytes; the limit is {MAX_HEADER_BYTES}")
+    payload_nbytes = sum(raw.nbytes for raw in buffers)
+    head = memoryview(PREFIX.pack(len(header), payload_nbytes) + header)
+    return EncodedFrame([head, *buffers], head.nbytes + payload_nbytes, payload_nbytes)
+
+
+def _tensor_bytes(tensor: Tensor) -> memoryview:
+    """The tensor's bytes; a view of its own memory when it is already contiguous on the CPU."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)  # reshape: a 0-d tensor cannot be viewed as bytes
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def read_frame(read_into: ReadInto) -> Frame:
+    """Read one frame through `read_into`, validating the header before allocating any tensor."""
+    prefix = bytearray(PREFIX.size)
+    read_into(memoryview(prefix))
+    header_len, payload_len = PREFIX.unpack(prefix)
+    if header_len > MAX_HEADER_BYTES:
+        raise ProtocolError(f"frame header claims {header_len} bytes; the limit is {MAX_HEADER_BYTES}")
+    header = bytearray(header_len)
+    read_into(memoryview(header))
+    kind, meta, specs = _parse_header(header)
+    declared = sum(nbytes for _, _, _, nbytes in specs)
+    if declared != payload_len:
+        raise ProtocolError(f"frame prefix says {payload_len} payload bytes but its tensors add up to {declared}")
+    tensors = {}
+    for name, dtype, shape, nbytes in specs:
+        try:
+            tensor = torch.empty(shape, dtype=dtype)
+        except RuntimeError as error:
+            raise ProtocolError(f"cannot allocate tensor {name!r} of {nbytes} bytes: {error}") from None
+        if nbytes:
+            read_into(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        tensors[name] = tensor
+    return Frame(kind, meta, tensors, PREFIX.size + header_len + payload_len, payload_len)
+
+
+def _parse_header(raw: bytearray) -> tuple[str, dict[str, Any], list[tuple[str, torch.dtype, list[int], int]]]:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ProtocolError(f"frame header is not UTF-8 JSON: {error}") from None
+    if not (
+        isinstance(header, dict)
+        and isinstance(header.get("kind"), str)
+        and isinstance(header.get("meta"), dict)
+        and isinstance(header.get("tensors"), list)
+    ):
+        raise ProtocolError("a frame header is an object with a string `kind`, an object `meta` and a list `tensors`")
+    specs = [_tensor_spec(entry) for entry in header["tensors"]]
+    names = [name for name, _, _, _ in specs]
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"frame names a tensor twice: {names}")
+    return header["kind"], header["meta"], specs
+
+
+def _tensor_spec(entry: Any) -> tuple[str, torch.dtype, list[int], int]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ProtocolError(f"tensor entry {entry!r} is not an object with a string `name`")
+    name, dtype_name, shape, nbytes = entry["name"], entry.get("dtype"), entry.get("shape"), entry.get("nbytes")
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise ProtocolError(f"tensor {name!r} has unknown dtype {dtype_name!r}; allowed: {sorted(DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+        raise ProtocolError(f"tensor {name!r} has shape {shape!r}; a shape is a list of non-negative integers")
+    if not _is_count(nbytes):
+        raise ProtocolError(f"tensor {name!r} has nbytes {nbytes!r}; expected a non-negative integer")
+    dtype = DTYPES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != nbytes:
+        raise ProtocolError(f"tensor {name!r}: shape {shape} of {dtype_name} is {expected} bytes, not {nbytes}")
+    return name, dtype, shape, nbytes
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def decode_frame(data: bytes) -> Frame:
+    """Decode one frame held whole in `data`; a short or over-long buffer is a ProtocolError."""
+    source = memoryview(data).cast("B")
+    offset = 0
+
+    def read_into(target: memoryview) -> None:
+        nonlocal offset
+        end = offset + target.nbytes
+        if end > source.nbytes:
+            raise ProtocolError(f"frame is truncated: needs more than its {source.nbytes} bytes")
+        target[:] = source[offset:end]
+        offset = end
+
+    frame = read_frame(read_into)
+    if offset != source.nbytes:
+        raise ProtocolError(f"{source.nbytes - offset} stray bytes after the end of the frame")
+    return frame
+
+
+# Timeouts are the socket's own (`sock.settimeout`): each send or receive waits at most that long.
+# Set once, not per call: every settimeout costs syscalls, a measurable share of a small round trip.
+
+
+def send_frame(sock: socket.socket, frame: EncodedFrame) -> None:
+    """Write the whole frame with scatter-gather sends."""
+    pending = [buffer for buffer in frame.buffers if buffer.nbytes]
+    first = 0
+    while first < len(pending):
+        sent = sock.sendmsg(pending[first : first + IOV_MAX])
+        while sent:  # a partial send stops anywhere, even inside a buffer
+            if sent >= pending[first].nbytes:
+                sent -= pending[first].nbytes
+                first += 1
+            else:
+                pending[first] = pending[first][sent:]
+                sent = 0
+
+
+def socket_reader(sock: socket.socket) -> ReadInto:
+    """A `read_into` over a stream socket. EOF raises EOFError: the peer is gone, not malformed."""
+
+    def read_into(target: memoryview) -> None:
+        got = 0
+        while got < target.nbytes:
+            n = sock.recv_into(target[got:])
+            if n == 0:
+                raise EOFError("the peer closed the connection")
+            got += n
+
+    return read_into

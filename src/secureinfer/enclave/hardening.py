@@ -1,0 +1,83 @@
+"""OS hardening of the trusted process, where the kernel allows it, with graceful fallbacks.
+
+- PR_SET_DUMPABLE=0: no core dumps, and other same-user processes may not ptrace or read /proc/PID/mem.
+- memfd_secret (Linux >= 5.14): pages removed from the kernel's direct map, so even the kernel
+  cannot read them casually. They count against RLIMIT_MEMLOCK, so large buffers often fall back
+  to ordinary memory; the report says how many bytes got which.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import platform
+
+import torch
+from torch import Tensor
+
+PR_SET_DUMPABLE = 4
+SYS_MEMFD_SECRET = {"x86_64": 447, "aarch64": 447}.get(platform.machine())
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def make_undumpable() -> dict:
+    if platform.system() != "Linux":
+        return {"dumpable": True, "reason": f"prctl is Linux-only (this is {platform.system()})"}
+    if _libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        return {"dumpable": True, "reason": os.strerror(ctypes.get_errno())}
+    return {"dumpable": False}
+
+
+class SecretMemory:
+    """Allocates tensors in memfd_secret mappings when possible, otherwise in ordinary memory."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and SYS_MEMFD_SECRET is not None and platform.system() == "Linux"
+        self.secret_bytes = 0
+        self.fallback_bytes = 0
+        self.fallback_reason: str | None = None if self.enabled else "memfd_secret unavailable on this platform"
+        self._mappings: list[mmap.mmap] = []  # kept alive as long as the tensors viewing them
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        nbytes = max(1, torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size())
+        mapping = self._map(nbytes) if self.enabled else None
+        if mapping is None:
+            self.fallback_bytes += nbytes
+            return torch.empty(shape, dtype=dtype)
+        self.secret_bytes += nbytes
+        return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+
+    def copy(self, tensor: Tensor) -> Tensor:
+        return self.empty(tuple(tensor.shape), tensor.dtype).copy_(tensor)
+
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.empty(shape, dtype).zero_()
+
+    def _map(self, nbytes: int) -> mmap.mmap | None:
+        libc = _libc()
+        fd = libc.syscall(SYS_MEMFD_SECRET, 0)
+        if fd < 0:
+            self.fallback_reason = f"memfd_secret: {os.strerror(ctypes.get_errno())}"
+            self.enabled = False  # the kernel lacks it: stop asking
+            return None
+        try:
+            os.ftruncate(fd, nbytes)
+            mapping = mmap.mmap(fd, nbytes)
+        except OSError as exc:  # typically ENOMEM/EAGAIN past RLIMIT_MEMLOCK
+            self.fallback_reason = f"memfd_secret: {exc.strerror}"
+            return None
+        finally:
+            os.close(fd)
+        self._mappings.append(mapping)
+        return mapping
+
+    def report(self) -> dict:
+        return {
+            "secret_bytes": self.secret_bytes,
+            "ordinary_bytes": self.fallback_bytes,
+            "fallback_reason": self.fallback_reason,
+        }

@@ -1,0 +1,157 @@
+"""The trusted runtime: holds every secret, runs the enclave's ops, and drives the device through the channel.
+
+It implements the engine's `CausalModel` protocol, so the generation loop (and sampling) runs
+here, over any plan. Weights placed on the device are public by the plan's construction; the
+runtime keeps a reference to them (host-side staging, not enclave memory) to re-upload after a
+device restart.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..channel import Channel
+from ..model.config import ModelConfig
+from ..model.kernels import StepContext, flat_weights, run_ops
+from ..model.llama import KVCache, LlamaWeights, rope_tables
+from ..plan import DEVICE, ENCLAVE, Plan
+from .hardening import SecretMemory, make_undumpable
+from .memory import EnclaveMemory
+
+UPLOAD_CHUNK_BYTES = 64 << 20  # keeps each weight message, and the device's receive buffer, bounded
+
+
+class EnclaveRuntime:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: LlamaWeights,
+        plan: Plan,
+        open_device: Callable[[], Channel],
+        *,
+        epc_bytes: int | None = None,
+        harden: bool = True,
+    ):
+        self.config = config
+        self.plan = plan
+        self.memory = EnclaveMemory(epc_bytes)
+        self.process_hardening = make_undumpable() if harden else {"dumpable": True, "reason": "hardening off"}
+        self.secret = SecretMemory(enabled=harden)
+        flat = flat_weights(weights)
+        enclave_aliases = self._tied_aliases(plan.weights_on(ENCLAVE))
+        self.weights = {
+            name: self.memory.hold(f"weight:{name}", self.secret.copy(flat[name]))
+            for name in plan.weights_on(ENCLAVE)
+            if name not in enclave_aliases
+        }
+        self.weights.update({alias: self.weights[target] for alias, target in enclave_aliases.items()})
+        self._device_weights = {name: flat[name] for name in plan.weights_on(DEVICE)}
+        self.rope = rope_tables(config, config.max_position_embeddings)
+        self._open_device = open_device
+        self.channel: Channel | None = None
+        self.step = 0
+        self.enclave_compute_s = 0.0
+        self.start_device()
+
+    def _tied_aliases(self, names: list[str]) -> dict[str, str]:
+        """With tied embeddings on one side, the LM head is the embedding tensor: held and sent once."""
+        tied = self.config.tie_word_embeddings and {"embed", "lm_head"} <= set(names)
+        return {"lm_head": "embed"} if tied else {}
+
+    def start_device(self) -> None:
+        """Open a fresh device and give it the public weights its plan places there."""
+        channel = self._open_device()
+        channel.request("hello", {"config": self.config.to_dict()}, {})
+        aliases = self._tied_aliases(list(self._device_weights))
+        batch, batch_bytes = {}, 0
+        for name, tensor in self._device_weights.items():
+            if name in aliases:
+                continue
+            batch[name] = tensor
+            batch_bytes += tensor.numel() * tensor.element_size()
+            if batch_bytes >= UPLOAD_CHUNK_BYTES:
+                channel.request("put_weights", {}, batch)
+                batch, batch_bytes = {}, 0
+        if batch or aliases:
+            channel.request("put_weights", {"aliases": aliases}, batch)
+        channel.counters.reset()  # per-token counters start after set-up
+        self.channel = channel
+
+    def restart_device(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        self.start_device()
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache | None:
+        max_len = min(max_len, self.config.max_position_embeddings)
+        if self.plan.device_segments:
+            layers = self.plan.attention_layers_on(DEVICE)
+            self.channel.request("new_cache", {"batch": batch_size, "max_len": max_len, "layers": layers}, {})
+        if not self.plan.attention_layers_on(ENCLAVE):
+            self.memory.release("kv_cache")
+            return None
+        cache = KVCache.__new__(KVCache)  # the conversation's keys and values live in secret memory
+        shape = (self.config.num_layers, batch_size, self.config.num_kv_heads, max_len, self.config.head_dim)
+        cache.k, cache.v, cache.max_len = self.secret.zeros(shape), self.secret.zeros(shape), max_len
+        self.memory.observe("kv_cache", 2 * cache.k.numel() * cache.k.element_size())
+        return cache
+
+    def forward(
+        self, tokens: Tensor, cache: KVCache | None, start: int, pad: Tensor | None = None, last_only: bool = True
+    ) -> Tensor:
+        self.step += 1
+        batch, length = tokens.shape
+        ctx = StepContext.create(self.config, self.rope, start, batch, length, pad, last_only)
+        values: dict[str, Tensor] = {"tokens": tokens}
+        for segment in self.plan.segments:
+            if segment.side == ENCLAVE:
+                began = time.perf_counter()
+                run_ops(segment.ops, values, self.weights, cache, ctx)
+                self.enclave_compute_s += time.perf_counter() - began
+                self.memory.observe("activations", sum(v.numel() * v.element_size() for v in values.values()))
+                continue
+            meta = {
+                "step": self.step,
+                "start": start,
+                "batch": batch,
+                "length": length,
+                "pad": None if pad is None else pad.tolist(),
+                "last_only": last_only,
+                "ops": segment.ops,
+                "returns": segment.returns,
+            }
+            _, returned = self.channel.request("run", meta, {name: values[name] for name in segment.sends})
+            values.update(returned)
+        return values["logits"]
+
+    def stats(self) -> dict:
+        counters = self.channel.counters.snapshot() if self.channel else {}
+        return {
+            "scheme": self.plan.name,
+            "steps": self.step,
+            "channel": counters,
+            "time": {
+                "enclave_compute_s": self.enclave_compute_s,
+                "device_compute_s": counters.get("device_compute_s", 0.0),
+                "transfer_s": counters.get("wait_s", 0.0) - counters.get("device_compute_s", 0.0),
+            },
+            "memory": self.memory.report(),
+            "hardening": {**self.process_hardening, **self.secret.report()},
+        }
+
+    def reset_stats(self) -> None:
+        self.enclave_compute_s = 0.0
+        if self.channel:
+            self.channel.counters.reset()
+
+
+__all__ = ["EnclaveRuntime"]

@@ -1,0 +1,159 @@
+"""The op kernels both sides run: op name -> a function over named values, weights and the KV cache.
+
+The same code runs in the enclave and on the device, so a plan can move any op across the
+boundary without changing its numerics. The composition matches `llama.Llama.forward` exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..plan.ops import OPS
+from .config import ModelConfig
+from .llama import KVCache, LayerWeights, LlamaWeights, apply_rope, attention_mask, rms_norm, swiglu
+
+
+@dataclass
+class StepContext:
+    """Everything about one forward call that every op may need; derived from public step metadata."""
+
+    config: ModelConfig
+    start: int
+    batch: int
+    length: int
+    pad: Tensor | None
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor | None
+    causal: bool
+    last_only: bool
+
+    @classmethod
+    def create(
+        cls, config: ModelConfig, rope: tuple[Tensor, Tensor], start: int, batch: int, length: int,
+        pad: Tensor | None, last_only: bool,
+    ) -> "StepContext":
+        pos = torch.arange(start, start + length).unsqueeze(0)
+        if pad is not None:
+            pos = (pos - pad[:, None]).clamp(min=0)
+        mask = None if (pad is None and (length == 1 or start == 0)) else attention_mask(start, length, pad)
+        return cls(config, start, batch, length, pad, rope[0][pos], rope[1][pos], mask, mask is None and length > 1, last_only)
+
+
+Values = dict[str, Tensor]
+Weights = Mapping[str, Tensor]
+
+
+def flat_weights(weights: LlamaWeights) -> dict[str, Tensor]:
+    """LlamaWeights under the names the op catalogue uses (`embed`, `layers.3.wqkv`, ...)."""
+    out = {"embed": weights.embed, "final_norm": weights.final_norm, "lm_head": weights.lm_head}
+    for i, layer in enumerate(weights.layers):
+        out.update({f"layers.{i}.{name}": getattr(layer, name) for name in LayerWeights.__dataclass_fields__})
+    return out
+
+
+def _heads(t: Tensor, ctx: StepContext, n: int) -> Tensor:
+    return t.view(ctx.batch, ctx.length, n, ctx.config.head_dim).transpose(1, 2)
+
+
+def _flat(t: Tensor, ctx: StepContext) -> Tensor:
+    return t.transpose(1, 2).reshape(ctx.batch, ctx.length, -1)
+
+
+def _qkv(v: Values, w: Weights, layer: int, ctx: StepContext) -> None:
+    cfg = ctx.config
+    v["q"], v["k"], v["v"] = F.linear(v["h"], w[f"layers.{layer}.wqkv"]).split(
+        [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1
+    )
+
+
+def _rope(v: Values, w: Weights, layer: int, ctx: StepContext) -> None:
+    cfg = ctx.config
+    v["q"] = _flat(apply_rope(_heads(v["q"], ctx, cfg.num_heads), ctx.cos, ctx.sin), ctx)
+    v["k"] = _flat(apply_rope(_heads(v["k"], ctx, cfg.num_kv_heads), ctx.cos, ctx.sin), ctx)
+
+
+def attention(v: Values, cache: KVCache, layer: int, ctx: StepContext) -> None:
+    cfg = ctx.config
+    keys, values = cache.update(
+        layer, ctx.start, _heads(v["k"], ctx, cfg.num_kv_heads), _heads(v["v"], ctx, cfg.num_kv_heads)
+    )
+    out = F.scaled_dot_product_attention(
+        _heads(v["q"], ctx, cfg.num_heads), keys, values, attn_mask=ctx.mask, is_causal=ctx.causal, enable_gqa=True
+    )
+    v["a"] = _flat(out, ctx)
+
+
+def _final_norm(v: Values, w: Weights, layer: None, ctx: StepContext) -> None:
+    x = v["x"][:, -1:] if ctx.last_only else v["x"]
+    v["h"] = rms_norm(x, w["final_norm"], ctx.config.rms_norm_eps)
+
+
+def _norm(weight: str) -> Callable:
+    def run(v: Values, w: Weights, layer: int, ctx: StepContext) -> None:
+        v["h"] = rms_norm(v["x"], w[f"layers.{layer}.{weight}"], ctx.config.rms_norm_eps)
+
+    return run
+
+
+def _linear(src: str, dst: str, weight: str) -> Callable:
+    def run(v: Values, w: Weights, layer: int | None, ctx: StepContext) -> None:
+        v[dst] = F.linear(v[src], w[weight if layer is None else f"layers.{layer}.{weight}"])
+
+    return run
+
+
+def _residual(src: str) -> Callable:
+    def run(v: Values, w: Weights, layer: int, ctx: StepContext) -> None:
+        v["x"] = v["x"] + v[src]
+
+    return run
+
+
+# Stateless kernels; `attention` is separate because it needs the KV cache of whichever side runs it.
+KERNELS: dict[str, Callable[[Values, Weights, int | None, StepContext], None]] = {
+    "embed": lambda v, w, layer, ctx: v.__setitem__("x", F.embedding(v["tokens"], w["embed"])),
+    "attn_norm": _norm("attn_norm"),
+    "qkv_proj": _qkv,
+    "rope": _rope,
+    "o_proj": _linear("a", "o", "wo"),
+    "attn_residual": _residual("o"),
+    "ffn_norm": _norm("ffn_norm"),
+    "gate_up_proj": _linear("h", "gu", "w_gate_up"),
+    "swiglu": lambda v, w, layer, ctx: v.__setitem__("m", swiglu(v["gu"])),
+    "down_proj": _linear("m", "dn", "w_down"),
+    "ffn_residual": _residual("dn"),
+    "final_norm": _final_norm,
+    "lm_head": _linear("h", "logits", "lm_head"),
+}
+
+
+OpObserver = Callable[[str, int | None, Values], None]
+
+
+@torch.inference_mode()
+def run_ops(
+    ops: list[tuple[str, int | None]],
+    values: Values,
+    weights: Weights,
+    cache: KVCache | None,
+    ctx: StepContext,
+    observe: OpObserver | None = None,
+) -> None:
+    """Run `ops` in order, reading and writing `values` in place.
+
+    `observe(op, layer, written)` sees each op's outputs as they are made: the device's recorder uses
+    it to dump every activation the device held, not only what crossed the boundary.
+    """
+    for op, layer in ops:
+        if op == "attention":
+            attention(values, cache, layer, ctx)
+        else:
+            KERNELS[op](values, weights, layer, ctx)
+        if observe is not None:
+            observe(op, layer, {name: values[name] for name in OPS[op].writes})

@@ -1,0 +1,6 @@
+"""Plans: the op catalogue, placements, named presets and their analytic costs."""
+
+from .plan import DEVICE, ENCLAVE, Placement, Plan, Segment, op_sequence
+from .presets import PRESETS, build_plan, register
+
+__all__ = ["DEVICE", "ENCLAVE", "PRESETS", "Placement", "Plan", "Segment", "build_plan", "op_sequence", "register"]

@@ -1,0 +1,95 @@
+"""Analytic per-token costs of a plan: FLOPs on each side, round trips, bytes each way, resident memory.
+
+Figures are for one decode step (one new token, batch 1) at a given number of cached positions,
+or for a prefill of `tokens` positions; the channel's counters measure the same quantities at run
+time, and a test holds the two equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..model.config import ModelConfig
+from .ops import op_flops, value_itemsize, value_width
+from .plan import DEVICE, ENCLAVE, LAST_POSITION_OPS, Plan, Segment
+
+FLOAT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class PlanCosts:
+    scheme: str
+    context: int  # positions attended to by the new token
+    tokens: int  # positions processed in this forward (1 for decode)
+    enclave_flops: int
+    device_flops: int
+    round_trips: int
+    bytes_to_device: int
+    bytes_from_device: int
+    enclave_weight_bytes: int
+    enclave_kv_bytes: int
+    device_weight_bytes: int
+    device_kv_bytes: int
+
+    @property
+    def enclave_resident_bytes(self) -> int:
+        return self.enclave_weight_bytes + self.enclave_kv_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"enclave_resident_bytes": self.enclave_resident_bytes}
+
+
+def weight_bytes(name: str, config: ModelConfig) -> int:
+    d, f = config.hidden_size, config.intermediate_size
+    elements = {
+        "embed": config.vocab_size * d,
+        "lm_head": config.vocab_size * d,
+        "final_norm": d,
+        "attn_norm": d,
+        "ffn_norm": d,
+        "wqkv": (config.q_size + 2 * config.kv_size) * d,
+        "wo": config.q_size * d,
+        "w_gate_up": 2 * f * d,
+        "w_down": f * d,
+    }[name.rsplit(".", 1)[-1]]
+    return elements * FLOAT_BYTES
+
+
+def resident_weight_bytes(plan: Plan, side: str) -> int:
+    names = plan.weights_on(side)
+    if plan.config.tie_word_embeddings and "embed" in names and "lm_head" in names:
+        names.remove("lm_head")  # one tensor serves both
+    return sum(weight_bytes(n, plan.config) for n in names)
+
+
+def kv_bytes(config: ModelConfig, layers: int, positions: int) -> int:
+    return 2 * layers * config.kv_size * positions * FLOAT_BYTES
+
+
+def transfer_bytes(values: list[str], segment: Segment, config: ModelConfig, tokens: int) -> int:
+    return sum(
+        value_width(v, config) * value_itemsize(v) * (1 if v in segment.last_position else tokens) for v in values
+    )
+
+
+def plan_costs(plan: Plan, context: int, tokens: int = 1) -> PlanCosts:
+    config = plan.config
+    flops = {ENCLAVE: 0, DEVICE: 0}
+    for p in plan.placements:
+        per_token = op_flops(p.op, config, context)
+        flops[p.side] += per_token * (1 if p.op in LAST_POSITION_OPS else tokens)
+    device_segments = plan.device_segments
+    return PlanCosts(
+        scheme=plan.name,
+        context=context,
+        tokens=tokens,
+        enclave_flops=flops[ENCLAVE],
+        device_flops=flops[DEVICE],
+        round_trips=len(device_segments),
+        bytes_to_device=sum(transfer_bytes(s.sends, s, config, tokens) for s in device_segments),
+        bytes_from_device=sum(transfer_bytes(s.returns, s, config, tokens) for s in device_segments),
+        enclave_weight_bytes=resident_weight_bytes(plan, ENCLAVE),
+        enclave_kv_bytes=kv_bytes(config, len(plan.attention_layers_on(ENCLAVE)), context),
+        device_weight_bytes=resident_weight_bytes(plan, DEVICE),
+        device_kv_bytes=kv_bytes(config, len(plan.attention_layers_on(DEVICE)), context),
+    )

@@ -1,0 +1,138 @@
+"""A plan places every op of the model on one side of the trust boundary, and derives what must cross it.
+
+Plans are data: a tuple of placements, one per op instance (embed, 11 ops per layer, final norm,
+LM head, sample). Consecutive ops on one side form a segment; each device segment is one round
+trip. The transfer schedule (which values go to the device before a segment and which come back
+after it) follows from tracking where the latest version of every value lives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from ..errors import InvalidRequestError
+from ..model.config import ModelConfig
+from .ops import LAYER_OPS, OPS, weight_names
+
+ENCLAVE, DEVICE = "enclave", "device"
+SIDES = (ENCLAVE, DEVICE)
+TRANSFORMS = ("clear",)
+# The engine only samples from the last position, so from the final norm on only that position is computed.
+LAST_POSITION_OPS = ("final_norm", "lm_head", "sample")  # later schemes add "blinded" and "permuted"
+
+
+@dataclass(frozen=True)
+class Placement:
+    op: str
+    layer: int | None
+    side: str
+    transform: str = "clear"  # how a device op's inputs and weights are transformed; enclave ops: "clear"
+
+
+@dataclass
+class Segment:
+    side: str
+    ops: list[tuple[str, int | None]] = field(default_factory=list)
+    sends: list[str] = field(default_factory=list)  # values the enclave sends before a device segment
+    returns: list[str] = field(default_factory=list)  # values the device sends back after it
+    last_position: set[str] = field(default_factory=set)  # transferred values that hold only the last position
+
+
+def op_sequence(config: ModelConfig) -> list[tuple[str, int | None]]:
+    """Every op instance of one forward pass, in execution order."""
+    layers = [(op, i) for i in range(config.num_layers) for op in LAYER_OPS]
+    return [("embed", None), *layers, ("final_norm", None), ("lm_head", None), ("sample", None)]
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    config: ModelConfig
+    placements: tuple[Placement, ...]
+
+    def __post_init__(self):
+        if [(p.op, p.layer) for p in self.placements] != op_sequence(self.config):
+            raise ValueError(f"plan {self.name!r} does not place every op of the model exactly once, in order")
+        for p in self.placements:
+            if p.side not in SIDES:
+                raise ValueError(f"{p.op}@{p.layer}: unknown side {p.side!r}")
+            if p.transform not in TRANSFORMS:
+                raise InvalidRequestError(
+                    f"plan {self.name!r} asks for transform {p.transform!r}, which this build lacks",
+                    f"use one of {', '.join(TRANSFORMS)}",
+                )
+        if self.placements[-1].side != ENCLAVE:
+            raise ValueError("sampling runs in the enclave: the generation loop and its RNG are trusted state")
+
+    def side_of(self, op: str, layer: int | None = None) -> str:
+        return next(p.side for p in self.placements if p.op == op and p.layer == layer)
+
+    def weights_on(self, side: str) -> list[str]:
+        names = [w for p in self.placements if p.side == side for w in weight_names(p.op, p.layer)]
+        return list(dict.fromkeys(names))
+
+    def attention_layers_on(self, side: str) -> list[int]:
+        return [p.layer for p in self.placements if p.op == "attention" and p.side == side]
+
+    @cached_property
+    def segments(self) -> list[Segment]:
+        """Group ops into same-side segments and schedule the transfers between them (sampling excluded)."""
+        where: dict[str, set[str]] = {"tokens": {ENCLAVE}}
+        written_by: dict[str, str] = {}
+        segments: list[Segment] = []
+        last_device: Segment | None = None
+        for p in self.placements[:-1]:
+            if not segments or segments[-1].side != p.side:
+                segments.append(Segment(p.side))
+                last_device = segments[-1] if p.side == DEVICE else last_device
+            segment = segments[-1]
+            spec = OPS[p.op]
+            for value in spec.reads:
+                if p.side in where[value]:
+                    continue
+                carrier = segment if p.side == DEVICE else last_device
+                (carrier.sends if p.side == DEVICE else carrier.returns).append(value)
+                if written_by.get(value) in LAST_POSITION_OPS:
+                    carrier.last_position.add(value)
+                where[value].add(p.side)
+            for value in spec.writes:
+                where[value] = {p.side}
+                written_by[value] = p.op
+            segment.ops.append((p.op, p.layer))
+        if ENCLAVE not in where["logits"]:
+            last_device.returns.append("logits")  # the sampler in the enclave needs them
+            last_device.last_position.add("logits")
+        return segments
+
+    @property
+    def device_segments(self) -> list[Segment]:
+        return [s for s in self.segments if s.side == DEVICE]
+
+    def describe(self) -> list[dict]:
+        """One row per op kind: where its instances run (layers collapsed)."""
+        rows: dict[str, dict] = {}
+        for p in self.placements:
+            row = rows.setdefault(p.op, {"op": p.op, "sides": {}, "transform": set()})
+            row["sides"].setdefault(p.side, []).append(p.layer)
+            row["transform"].add(p.transform)
+        return [
+            {
+                "op": row["op"],
+                "placement": " + ".join(
+                    side if layers == [None] or len(layers) == self.config.num_layers else f"{side} (layers {layers})"
+                    for side, layers in row["sides"].items()
+                ),
+                "transform": "/".join(sorted(row["transform"])),
+            }
+            for row in rows.values()
+        ]
+
+
+def uniform_plan(name: str, config: ModelConfig, side_of_op) -> Plan:
+    """A plan whose placement depends only on the op kind: `side_of_op(op) -> (side, transform)`."""
+    placements = []
+    for op, layer in op_sequence(config):
+        side, transform = side_of_op(op)
+        placements.append(Placement(op, layer, side, transform))
+    return Plan(name, config, tuple(placements))

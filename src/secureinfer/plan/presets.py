@@ -1,0 +1,44 @@
+"""Named plans. Every scheme registers a builder here; later schemes only add entries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import InvalidRequestError
+from ..model.config import ModelConfig
+from .plan import DEVICE, ENCLAVE, Plan, uniform_plan
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    summary: str
+    build: Callable[[ModelConfig], Plan]
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def register(name: str, summary: str):
+    def decorate(build: Callable[[ModelConfig], Plan]):
+        PRESETS[name] = Preset(name, summary, build)
+        return build
+
+    return decorate
+
+
+def build_plan(name: str, config: ModelConfig) -> Plan:
+    if name not in PRESETS:
+        raise InvalidRequestError(f"unknown scheme {name!r}", f"use one of: {', '.join(PRESETS)}")
+    return PRESETS[name].build(config)
+
+
+@register("plain", "GPU-only baseline: every model op on the device, in clear; sampling in the enclave")
+def plain(config: ModelConfig) -> Plan:
+    return uniform_plan("plain", config, lambda op: (ENCLAVE if op == "sample" else DEVICE, "clear"))
+
+
+@register("enclave", "TEE-only baseline: every op in the enclave; the device holds and sees nothing")
+def enclave(config: ModelConfig) -> Plan:
+    return uniform_plan("enclave", config, lambda op: (ENCLAVE, "clear"))

@@ -1,0 +1,357 @@
+"""The boundary transport: the wire format, both channels running the tiny model, and device faults."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from device_session import PROMPT, PROMPT_PAD, greedy_steps, run_meta, start_device, tiny_model, whole_forward
+from secureinfer.channel import (
+    DeviceDied,
+    DeviceError,
+    DeviceFailed,
+    DeviceProtocolError,
+    DeviceTimeout,
+    open_channel,
+)
+from secureinfer.channel.wire import (
+    DTYPES,
+    ERROR,
+    MAX_HEADER_BYTES,
+    PREFIX,
+    READY,
+    ProtocolError,
+    decode_frame,
+    encode_frame,
+    read_frame,
+    send_frame,
+    socket_reader,
+)
+from secureinfer.device import DeviceEndpoint
+from secureinfer.device.__main__ import EXIT_BAD_FRAME, serve
+from secureinfer.errors import InvalidRequestError
+
+GARBAGE_DEVICE = Path(__file__).parent / "fake_devices" / "garbage_device.py"
+CHANNELS = ("inprocess", "process")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def process_channel(**options):
+    # The device computes with our thread count, so its float reductions run in the same order.
+    return open_channel("process", threads=torch.get_num_threads(), **options)
+
+
+def nbytes(tensors) -> int:
+    return sum(t.nbytes for t in tensors.values())
+
+
+def assert_problem_and_fix(error: DeviceError) -> None:
+    assert error.problem and error.fix and str(error) == f"{error.problem}; {error.fix}"
+
+
+# --- wire format -------------------------------------------------------------------------------
+
+
+def sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=generator).bool()
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(info.min, info.max, shape, generator=generator, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_wire_round_trips_every_dtype_and_odd_shapes(dtype):
+    grid = sample(dtype, (4, 6))
+    tensors = {
+        "scalar": sample(dtype, ()),
+        "empty": sample(dtype, (3, 0, 2)),
+        "cube": sample(dtype, (2, 3, 5)),
+        "transposed": grid.t(),
+        "sliced": grid[1:3, ::2],
+        "expanded": sample(dtype, (1, 3)).expand(4, 3),
+    }
+    assert not any(t.is_contiguous() for t in (tensors["transposed"], tensors["sliced"], tensors["expanded"]))
+    meta = {"step": 3, "pad": [2, 0], "note": "é"}
+    encoded = encode_frame("run", meta, tensors)
+    frame = decode_frame(encoded.to_bytes())
+
+    assert (frame.kind, frame.meta) == ("run", meta)
+    assert list(frame.tensors) == list(tensors)
+    for name, sent in tensors.items():
+        got = frame.tensors[name]
+        assert got.dtype == dtype and got.shape == sent.shape and torch.equal(got, sent), name
+    assert frame.payload_nbytes == encoded.payload_nbytes == nbytes(tensors)
+    assert frame.nbytes == encoded.nbytes == len(encoded.to_bytes())
+
+
+def test_decoded_tensors_own_their_memory():
+    sent = {"a": torch.arange(6.0), "b": torch.arange(4)}
+    frame = decode_frame(encode_frame("k", {}, sent).to_bytes())
+    frame.tensors["a"].fill_(-1)
+    assert torch.equal(sent["a"], torch.arange(6.0)) and torch.equal(frame.tensors["b"], torch.arange(4))
+    pointers = {t.untyped_storage().data_ptr() for t in [*sent.values(), *frame.tensors.values()]}
+    assert len(pointers) == 4
+
+
+def test_wire_over_a_socket_survives_partial_sends():
+    """Frames far larger than the socket buffer, sent while the other side reads: every byte arrives in place."""
+    tensors = {f"t{i}": torch.randn(1 << 18) for i in range(4)} | {"ids": torch.arange(5)}  # 4 MiB
+    left, right = socket.socketpair()
+    with left, right:
+        sender = threading.Thread(target=send_frame, args=(left, encode_frame("big", {"n": 1}, tensors)))
+        sender.start()
+        right.settimeout(30)
+        frame = read_frame(socket_reader(right))
+        sender.join()
+        left.close()
+        with pytest.raises(EOFError):  # a peer hanging up is not a malformed frame
+            read_frame(socket_reader(right))
+    assert frame.kind == "big" and all(torch.equal(frame.tensors[n], t) for n, t in tensors.items())
+
+
+def raw_frame(header, payload: bytes = b"", payload_len: int | None = None) -> bytes:
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return PREFIX.pack(len(head), len(payload) if payload_len is None else payload_len) + head + payload
+
+
+def header(*tensors: dict, kind="run", meta=None) -> dict:
+    return {"kind": kind, "meta": {} if meta is None else meta, "tensors": list(tensors)}
+
+
+FLOAT4 = {"name": "x", "dtype": "float32", "shape": [1], "nbytes": 4}
+VALID = encode_frame("run", {}, {"x": torch.ones(3)}).to_bytes()
+MALFORMED = {
+    "header over 64 MiB": PREFIX.pack(MAX_HEADER_BYTES + 1, 0),
+    "short prefix": b"\x05\x00\x00",
+    "not JSON": raw_frame(b"{nope"),
+    "not UTF-8": raw_frame(b'{"kind": "\xff"}'),
+    "header not an object": raw_frame([1, 2]),
+    "kind not a string": raw_frame(header(kind=3)),
+    "meta not an object": raw_frame(header(meta=[])),
+    "tensors not a list": raw_frame({"kind": "run", "meta": {}, "tensors": {}}),
+    "unknown dtype": raw_frame(header({**FLOAT4, "dtype": "complex64", "nbytes": 8}), b"\0" * 8),
+    "negative dimension": raw_frame(header({**FLOAT4, "shape": [-1]})),
+    "boolean nbytes": raw_frame(header({**FLOAT4, "nbytes": True})),
+    "shape times itemsize is not nbytes": raw_frame(header({**FLOAT4, "nbytes": 8}), b"\0" * 8),
+    "payload length disagrees": raw_frame(header(FLOAT4), b"\0" * 8),
+    "duplicate names": raw_frame(header(FLOAT4, FLOAT4), b"\0" * 8),
+    "truncated payload": VALID[:-1],
+    "stray bytes after the frame": VALID + b"\0",
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_frames_raise_protocol_error(data):
+    with pytest.raises(ProtocolError):
+        decode_frame(data)
+
+
+@pytest.mark.parametrize(
+    "kind, meta, tensors",
+    [
+        ("run", {}, {"z": torch.ones(2, dtype=torch.complex64)}),
+        ("run", {"when": object()}, {}),
+        (7, {}, {}),
+    ],
+    ids=["unsupported dtype", "meta not JSON", "kind not a string"],
+)
+def test_unencodable_frames_raise_protocol_error(kind, meta, tensors):
+    with pytest.raises(ProtocolError):
+        encode_frame(kind, meta, tensors)
+
+
+# --- both channels run the model ---------------------------------------------------------------
+
+
+@pytest.fixture(params=CHANNELS)
+def channel(request):
+    opened = process_channel() if request.param == "process" else open_channel("inprocess")
+    yield opened
+    opened.close()
+    if request.param == "process":
+        assert opened.process.poll() == 0  # a clean exit, not a kill
+
+
+def test_device_forward_equals_the_in_process_model_and_counts_its_traffic(channel, model):
+    hello, _ = channel.request("hello", {"config": model.config.to_dict()})
+    assert hello["device"] == "cpu" and hello["torch"] == torch.__version__
+    channel.counters.reset()
+
+    sent = start_device(channel, model, batch=PROMPT.shape[0])
+    steps, _ = greedy_steps(channel, model, decode_steps=3)
+
+    assert steps[0].logits.shape == (2, PROMPT.shape[1], model.config.vocab_size)
+    for step in steps:
+        assert torch.equal(step.logits, step.expected)
+    counters = channel.counters
+    assert counters.round_trips == 3 + len(steps)  # hello, put_weights, new_cache, then one run per step
+    assert counters.payload_bytes_sent == nbytes(sent) + sum(s.tokens.nbytes for s in steps)
+    assert counters.payload_bytes_received == sum(s.logits.nbytes for s in steps)
+    assert counters.frame_bytes_sent > counters.payload_bytes_sent + 16 * counters.round_trips
+    assert counters.frame_bytes_received > counters.payload_bytes_received + 16 * counters.round_trips
+    assert 0 < counters.device_compute_s < counters.wait_s
+    assert counters.snapshot()["round_trips"] == counters.round_trips
+    counters.reset()
+    assert counters.snapshot() == {name: 0 for name in counters.snapshot()}
+
+
+def test_values_persist_across_segments_of_a_step_only(model):
+    """A plan may leave a value on the device between two segments of one step; a new step starts empty."""
+    with open_channel("inprocess") as channel:
+        start_device(channel, model, batch=2)
+        ops = whole_forward(model.config)
+        split = ops.index(("attn_norm", 1))
+        first = run_meta(0, 0, PROMPT, PROMPT_PAD, False, ops[:split], returns=[])
+        second = run_meta(0, 0, PROMPT, PROMPT_PAD, False, ops[split:], returns=["logits"])
+        _, nothing = channel.request("run", first, {"tokens": PROMPT})
+        _, returned = channel.request("run", second, {})
+        expected = model.forward(PROMPT, model.new_cache(2, 16), 0, torch.tensor(PROMPT_PAD), last_only=False)
+        assert nothing == {} and torch.equal(returned["logits"], expected)
+
+        next_step = run_meta(1, 5, PROMPT[:, :1], PROMPT_PAD, True, ops[split:], returns=["logits"])
+        with pytest.raises(DeviceFailed, match="'x'"):  # step 0's residual stream is gone
+            channel.request("run", next_step, {})
+
+
+def test_inprocess_channel_copies_tensors_both_ways(model):
+    with open_channel("inprocess") as channel:
+        start_device(channel, model, batch=1)
+        ops = whole_forward(model.config)[:1]
+        tokens = torch.tensor([[5, 6]])
+        meta = run_meta(0, 0, tokens, None, False, ops, ["x", "tokens"])
+        _, returned = channel.request("run", meta, {"tokens": tokens})
+        held = channel.endpoint.values
+        assert returned["tokens"].data_ptr() not in (tokens.data_ptr(), held["tokens"].data_ptr())
+        assert returned["x"].data_ptr() != held["x"].data_ptr()
+        assert channel.endpoint.weights["embed"].data_ptr() != model.weights.embed.data_ptr()
+
+
+def test_a_closed_channel_refuses_requests(channel):
+    channel.close()
+    channel.close()  # twice is fine
+    assert not channel.alive
+    with pytest.raises(DeviceDied, match="closed") as failure:
+        channel.request("hello", {})
+    assert_problem_and_fix(failure.value)
+
+
+def test_unknown_channel_kind_is_refused():
+    with pytest.raises(InvalidRequestError, match="unknown channel"):
+        open_channel("carrier-pigeon")
+
+
+# --- faults ------------------------------------------------------------------------------------
+
+
+def assert_fresh_channel_works(model):
+    with process_channel() as channel:
+        hello, _ = channel.request("hello", {"config": model.config.to_dict()})
+        assert hello["pid"] == channel.pid
+
+
+def test_killed_device_raises_device_died_naming_the_signal(model):
+    channel = process_channel()
+    start_device(channel, model, batch=1)
+    os.kill(channel.pid, signal.SIGKILL)
+    with pytest.raises(DeviceDied, match="SIGKILL") as failure:
+        meta = run_meta(0, 0, PROMPT[:1], None, True, whole_forward(model.config), ["logits"])
+        channel.request("run", meta, {"tokens": PROMPT[:1]})
+    assert_problem_and_fix(failure.value)
+    assert not channel.alive and channel.process.poll() == -signal.SIGKILL
+    with pytest.raises(DeviceDied, match="closed"):
+        channel.request("hello", {"config": model.config.to_dict()})
+    channel.close()
+    assert_fresh_channel_works(model)
+
+
+def test_hung_device_raises_device_timeout_and_is_stopped(model):
+    channel = process_channel(timeout_s=1.0)
+    channel.request("hello", {"config": model.config.to_dict()})
+    os.kill(channel.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeviceTimeout, match="no progress for 1 s") as failure:
+            channel.request("hello", {"config": model.config.to_dict()})
+        assert 0.9 < time.monotonic() - started < 3.0
+        assert_problem_and_fix(failure.value)
+        assert not channel.alive and channel.process.poll() == -signal.SIGKILL
+    finally:
+        if channel.process.poll() is None:
+            os.kill(channel.pid, signal.SIGCONT)
+        channel.close()
+    assert_fresh_channel_works(model)
+
+
+@pytest.mark.parametrize("mode", ["garbage", "bad-json"])
+def test_garbage_reply_raises_device_protocol_error(mode, model):
+    channel = open_channel("process", command=[sys.executable, str(GARBAGE_DEVICE), "--mode", mode])
+    with pytest.raises(DeviceProtocolError, match="malformed frame") as failure:
+        channel.request("hello", {"config": model.config.to_dict()})
+    assert_problem_and_fix(failure.value)
+    assert not channel.alive and channel.process.poll() is not None
+    channel.close()
+    assert_fresh_channel_works(model)
+
+
+def test_device_error_reply_raises_device_failed_and_the_channel_goes_on(model):
+    with process_channel() as channel:
+        start_device(channel, model, batch=1)
+        tokens = PROMPT[:1, -1:]
+        bad = run_meta(0, 0, tokens, None, True, [["embed", None], ["teleport", 0]], ["x"])
+        with pytest.raises(DeviceFailed, match="unknown op 'teleport'") as failure:
+            channel.request("run", bad, {"tokens": tokens})
+        assert_problem_and_fix(failure.value)
+        assert "ValueError" in failure.value.device_traceback
+        assert channel.alive
+
+        good = run_meta(0, 0, tokens, None, True, whole_forward(model.config), ["logits"])
+        _, returned = channel.request("run", good, {"tokens": tokens})
+        assert torch.equal(returned["logits"], model.forward(tokens, model.new_cache(1, 16), 0))
+
+
+def test_device_answers_a_malformed_frame_with_an_error_and_stops():
+    """The enclave's side of the contract: garbage in makes the device say why and exit, never hang."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        outcome = {}
+        server = threading.Thread(target=lambda: outcome.update(code=serve(theirs, DeviceEndpoint())))
+        server.start()
+        ours.settimeout(10)
+        read_into = socket_reader(ours)
+        assert read_frame(read_into).kind == READY
+        ours.sendall(MALFORMED["not JSON"])
+        reply = read_frame(read_into)
+        server.join(timeout=10)
+    assert reply.kind == ERROR and "malformed frame" in reply.meta["message"]
+    assert outcome == {"code": EXIT_BAD_FRAME}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_fails_at_start_with_the_reason():
+    with pytest.raises(DeviceDied, match="exited with code 2: .*finds no CUDA GPU"):
+        open_channel("process", device="cuda")
+
+
+def test_an_unreferenced_channel_leaves_no_device_process(model):
+    channel = process_channel()
+    process = channel.process
+    del channel
+    gc.collect()
+    assert process.wait(timeout=10) == 0  # it saw EOF and exited by itself

@@ -1,0 +1,101 @@
+"""Plans as data: presets, the transfer schedule between segments, and the analytic costs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gguf_fixtures import tiny_llama_config, tiny_llama_model
+from secureinfer import InvalidRequestError
+from secureinfer.model import ModelConfig
+from secureinfer.plan import DEVICE, ENCLAVE, PRESETS, Placement, Plan, build_plan, op_sequence
+from secureinfer.plan.costs import plan_costs
+from secureinfer.plan.plan import uniform_plan
+
+CONFIG = ModelConfig.from_hf_config(tiny_llama_config().to_dict())
+LINEAR_OPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+
+
+def test_presets_place_every_op_once_in_order():
+    assert {"plain", "enclave"} <= set(PRESETS)
+    for name in PRESETS:
+        plan = build_plan(name, CONFIG)
+        assert [(p.op, p.layer) for p in plan.placements] == op_sequence(CONFIG)
+        assert plan.placements[-1] == Placement("sample", None, ENCLAVE)
+
+
+def test_plain_is_one_round_trip_tokens_in_logits_out():
+    (segment,) = build_plan("plain", CONFIG).segments
+    assert (segment.side, segment.sends, segment.returns) == (DEVICE, ["tokens"], ["logits"])
+
+
+def test_enclave_never_talks_to_the_device():
+    plan = build_plan("enclave", CONFIG)
+    assert plan.device_segments == [] and plan.weights_on(DEVICE) == []
+
+
+def test_outsourcing_the_linear_ops_costs_four_trips_per_layer_plus_the_head():
+    plan = uniform_plan("linear-on-device", CONFIG, lambda op: (DEVICE if op in LINEAR_OPS else ENCLAVE, "clear"))
+    trips = [(s.ops, s.sends, s.returns) for s in plan.device_segments]
+    per_layer = [
+        ([("qkv_proj", 0)], ["h"], ["q", "k", "v"]),
+        ([("o_proj", 0)], ["a"], ["o"]),
+        ([("gate_up_proj", 0)], ["h"], ["gu"]),
+        ([("down_proj", 0)], ["m"], ["dn"]),
+    ]
+    assert len(trips) == 4 * CONFIG.num_layers + 1
+    assert trips[:4] == per_layer
+    assert trips[-1] == ([("lm_head", None)], ["h"], ["logits"])
+    assert plan.device_segments[-1].last_position == {"h", "logits"}
+
+
+def test_a_value_left_on_the_device_is_not_sent_again():
+    # Residual adds on the device, norms in the enclave: x must come back for each norm, but the
+    # device's copy stays current, so x is never sent to the device after the embedding.
+    plan = uniform_plan(
+        "norms-in-enclave", CONFIG, lambda op: (ENCLAVE if op in ("attn_norm", "ffn_norm", "final_norm", "sample") else DEVICE, "clear")
+    )
+    sent = [v for s in plan.device_segments for v in s.sends]
+    returned = [v for s in plan.device_segments for v in s.returns]
+    assert "x" not in sent and sent.count("h") == 2 * CONFIG.num_layers + 1
+    assert returned.count("x") == 2 * CONFIG.num_layers + 1
+
+
+def test_malformed_plans_are_refused():
+    placements = build_plan("plain", CONFIG).placements
+    with pytest.raises(ValueError, match="exactly once"):
+        Plan("missing-op", CONFIG, placements[1:])
+    with pytest.raises(ValueError, match="sampling runs in the enclave"):
+        Plan("device-sampling", CONFIG, placements[:-1] + (Placement("sample", None, DEVICE),))
+    with pytest.raises(InvalidRequestError, match="transform 'blinded'"):
+        uniform_plan("future", CONFIG, lambda op: (ENCLAVE if op == "sample" else DEVICE, "blinded"))
+    with pytest.raises(InvalidRequestError, match="unknown scheme 'nope'"):
+        build_plan("nope", CONFIG)
+
+
+def test_analytic_matmul_flops_equal_torch_flop_counter_on_transformers():
+    model = tiny_llama_model()
+    context = 11
+    with torch.no_grad():
+        past = model(torch.randint(0, CONFIG.vocab_size, (1, context - 1)), use_cache=True).past_key_values
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(torch.tensor([[5]]), past_key_values=past, use_cache=True, logits_to_keep=1)
+    from secureinfer.plan.ops import op_flops
+
+    analytic = sum(
+        op_flops(op, CONFIG, context) for op, _ in op_sequence(CONFIG) if op in LINEAR_OPS
+    )
+    assert analytic == counter.get_flop_counts()["Global"][torch.ops.aten.mm] == counter.get_total_flops()
+
+
+def test_weight_bytes_follow_the_placement():
+    model = tiny_llama_model()
+    total = sum(p.numel() * 4 for p in model.parameters())  # tied: the embedding counts once
+    plain, enclave = plan_costs(build_plan("plain", CONFIG), 16), plan_costs(build_plan("enclave", CONFIG), 16)
+    assert (plain.device_weight_bytes, plain.enclave_weight_bytes) == (total, 0)
+    assert (enclave.enclave_weight_bytes, enclave.device_weight_bytes) == (total, 0)
+    kv = 2 * CONFIG.num_layers * CONFIG.num_kv_heads * CONFIG.head_dim * 16 * 4
+    assert (plain.device_kv_bytes, enclave.enclave_kv_bytes, enclave.enclave_resident_bytes) == (kv, kv, total + kv)
+    assert plain.enclave_flops + plain.device_flops == enclave.enclave_flops
