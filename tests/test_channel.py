@@ -202,6 +202,7 @@ def test_device_forward_equals_the_in_process_model_and_counts_its_traffic(chann
         assert torch.equal(step.logits, step.expected)
     counters = channel.counters
     assert counters.round_trips == 3 + len(steps)  # hello, put_weights, new_cache, then one run per step
+    assert counters.round_trips_by_kind == {"hello": 1, "put_weights": 1, "new_cache": 1, "run": len(steps)}
     assert counters.payload_bytes_sent == nbytes(sent) + sum(s.tokens.nbytes for s in steps)
     assert counters.payload_bytes_received == sum(s.logits.nbytes for s in steps)
     assert counters.frame_bytes_sent > counters.payload_bytes_sent + 16 * counters.round_trips
@@ -209,7 +210,7 @@ def test_device_forward_equals_the_in_process_model_and_counts_its_traffic(chann
     assert 0 < counters.device_compute_s < counters.wait_s
     assert counters.snapshot()["round_trips"] == counters.round_trips
     counters.reset()
-    assert counters.snapshot() == {name: 0 for name in counters.snapshot()}
+    assert counters.snapshot() == {name: {} if name == "round_trips_by_kind" else 0 for name in counters.snapshot()}
 
 
 def test_values_persist_across_segments_of_a_step_only(model):

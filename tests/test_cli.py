@@ -202,3 +202,40 @@ def test_chat_repl_keeps_the_conversation(tiny_gguf, monkeypatch, capsys):
         [system, {"role": "user", "content": "third question"}],
     ]
     assert f"assistant> {first_reply}\n" in capsys.readouterr().out
+
+
+# --- the trust boundary from the command line ------------------------------------------------
+
+
+def test_plan_prints_the_placement_and_costs_of_each_baseline(model_files):
+    results = run_cli_concurrently(
+        {
+            scheme: ["plan", "--scheme", scheme, "--model", str(model_files["tiny"]), "--context", "16", "--json", "--quiet"]
+            for scheme in ("plain", "enclave")
+        }
+        | {"table": ["plan", "--scheme", "plain", "--model", str(model_files["tiny"]), "--quiet"]}
+    )
+    plain, enclave = (json.loads(results[s].stdout) for s in ("plain", "enclave"))
+    assert {row["placement"] for row in plain["placements"] if row["op"] != "sample"} == {"device"}
+    assert {row["placement"] for row in enclave["placements"]} == {"enclave"}
+    assert (plain["costs"]["round_trips"], enclave["costs"]["round_trips"]) == (1, 0)
+    assert plain["costs"]["device_flops"] + plain["costs"]["enclave_flops"] == enclave["costs"]["enclave_flops"]
+    table = results["table"].stdout
+    assert results["table"].returncode == 0 and "round trips" in table and "qkv_proj" in table
+
+
+def test_generate_records_the_device_view_and_honours_the_epc_budget(tmp_path, model_files):
+    view = tmp_path / "view"
+    result = run_cli(
+        ["generate", "hello", "--model", str(model_files["tiny"]), "--scheme", "plain", "--record-view", str(view),
+         "--epc", "90MiB", "--max-new-tokens", "3", "--json", "--quiet"]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((view / "manifest.json").read_text())
+    runs = [m for m in manifest["messages"] if m["kind"] == "run"]
+    assert len(runs) == len(json.loads(result.stdout)["tokens"])
+
+
+@pytest.mark.parametrize("value", ["12Q", "-1", "0", "lots"])
+def test_a_bad_epc_value_is_one_line(model_files, value):
+    assert_one_line_error(run_cli(["generate", "hi", "--model", str(model_files["tiny"]), "--epc", value]), "--epc")

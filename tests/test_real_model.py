@@ -70,7 +70,7 @@ def test_schemes_through_the_process_boundary_match_the_in_process_engine(real_c
         for prompt in PROMPTS[:5]:
             assert lm.generate(prompt, **vars(config)).tokens == real_engine.generate(prompt, config).tokens, prompt
         stats = lm.stats()
-    assert stats["channel"]["round_trips"] == (5 * 24 if scheme == "plain" else 0)
+    assert stats["channel"]["round_trips_by_kind"].get("run", 0) == (5 * 24 if scheme == "plain" else 0)
 
 
 def test_chat_answers_the_demo_question(real_checkpoint):

@@ -8,6 +8,7 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
+from .channel.base import DeviceError
 from .errors import SecureInferError
 
 EXIT_USAGE = 2
@@ -210,12 +211,18 @@ def _chat_with(lm, args) -> None:
         messages.append({"role": "user", "content": text})
         try:
             stream = lm.stream(messages, **_generation_options(args))
+            print("assistant> ", end="", flush=True)
+            for chunk in stream:
+                print(chunk, end="", flush=True)
+        except DeviceError as exc:
+            # The conversation lives here, in the trusted process: drop the failed turn, restart the device, go on.
+            messages.pop()
+            print(f"\nsecureinfer: error: {exc.problem}; the device was restarted, send the message again", file=sys.stderr)
+            lm.restart_device()
+            continue
         except SecureInferError:
             messages.pop()  # keep the conversation as it was before the rejected turn
             raise
-        print("assistant> ", end="", flush=True)
-        for chunk in stream:
-            print(chunk, end="", flush=True)
         print()
         messages.append({"role": "assistant", "content": stream.result.text})
 

@@ -108,7 +108,7 @@ def scheme_runner(lm: SecureLM, prompt_tokens: int) -> Runner:
         per_token = lambda total: total / new_tokens  # noqa: E731 - one forward per generated token
         runner.extra = {
             "measured_per_token": {
-                "round_trips": per_token(stats["channel"]["round_trips"]),
+                "round_trips": per_token(stats["channel"]["round_trips_by_kind"].get("run", 0)),
                 "bytes_to_device": per_token(stats["channel"]["payload_bytes_sent"]),
                 "bytes_from_device": per_token(stats["channel"]["payload_bytes_received"]),
                 **{k: per_token(v) for k, v in stats["time"].items()},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import SecureInferError
@@ -47,6 +47,7 @@ class ChannelCounters:
     """What crossed the boundary since the last reset. Payload counts tensor bytes; frame counts everything."""
 
     round_trips: int = 0
+    round_trips_by_kind: dict[str, int] = field(default_factory=dict)  # "run" trips are the per-token ones
     payload_bytes_sent: int = 0
     payload_bytes_received: int = 0
     frame_bytes_sent: int = 0
@@ -54,8 +55,9 @@ class ChannelCounters:
     wait_s: float = 0.0  # from sending a request to having its reply decoded
     device_compute_s: float = 0.0  # as the device reports it; wait_s minus this is transport and queueing
 
-    def add(self, request: EncodedFrame, reply: Frame, wait_s: float, compute_s: float) -> None:
+    def add(self, kind: str, request: EncodedFrame, reply: Frame, wait_s: float, compute_s: float) -> None:
         self.round_trips += 1
+        self.round_trips_by_kind[kind] = self.round_trips_by_kind.get(kind, 0) + 1
         self.payload_bytes_sent += request.payload_nbytes
         self.payload_bytes_received += reply.payload_nbytes
         self.frame_bytes_sent += request.nbytes
@@ -64,8 +66,8 @@ class ChannelCounters:
         self.device_compute_s += compute_s
 
     def reset(self) -> None:
-        for field in fields(self):
-            setattr(self, field.name, field.default)
+        for name, value in asdict(ChannelCounters()).items():
+            setattr(self, name, value)
 
     def snapshot(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,7 +107,7 @@ class Channel(ABC):
             raise DeviceProtocolError(
                 f"the device answered {kind!r} with a {reply.kind!r} frame and compute_s={compute_s!r}"
             )
-        self.counters.add(request, reply, wait_s, compute_s)
+        self.counters.add(kind, request, reply, wait_s, compute_s)
         if reply.kind == ERROR:
             message, device_traceback = reply.meta.get("message"), reply.meta.get("traceback")
             raise DeviceFailed(f"the device failed to handle {kind!r}: {message}", device_traceback)

@@ -8,13 +8,14 @@ device restart.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ..channel import Channel
+from ..channel import Channel, DeviceError
 from ..model.config import ModelConfig
 from ..model.kernels import StepContext, flat_weights, run_ops
 from ..model.llama import KVCache, LlamaWeights, rope_tables
@@ -65,7 +66,7 @@ class EnclaveRuntime:
     def start_device(self) -> None:
         """Open a fresh device and give it the public weights its plan places there."""
         channel = self._open_device()
-        channel.request("hello", {"config": self.config.to_dict()}, {})
+        self.device_info, _ = channel.request("hello", {"config": self.config.to_dict()}, {})
         aliases = self._tied_aliases(list(self._device_weights))
         batch, batch_bytes = {}, 0
         for name, tensor in self._device_weights.items():
@@ -83,7 +84,8 @@ class EnclaveRuntime:
 
     def restart_device(self) -> None:
         if self.channel is not None:
-            self.channel.close()
+            with contextlib.suppress(DeviceError):  # a dead or hung device cannot answer `close`
+                self.channel.close()
         self.start_device()
 
     def close(self) -> None:
@@ -137,6 +139,7 @@ class EnclaveRuntime:
         counters = self.channel.counters.snapshot() if self.channel else {}
         return {
             "scheme": self.plan.name,
+            "device": self.device_info,
             "steps": self.step,
             "channel": counters,
             "time": {
