@@ -100,7 +100,7 @@ def scheme_runner(lm: SecureLM, prompt_tokens: int) -> Runner:
 
     def run(new_tokens: int) -> tuple[float, float]:
         lm.runtime.reset_stats()
-        result = timed(new_tokens)
+        ttft_s, decode_tok_s = timed(new_tokens)
         stats = lm.stats()
         prefill = lm.costs(context=prompt_tokens, tokens=prompt_tokens)
         decode = lm.costs(context=prompt_tokens + new_tokens // 2)
@@ -122,7 +122,7 @@ def scheme_runner(lm: SecureLM, prompt_tokens: int) -> Runner:
             },
             "enclave_memory": stats["memory"],
         }
-        return result.ttft_s, result.decode_tok_s
+        return ttft_s, decode_tok_s
 
     runner.run = run
     return runner
