@@ -181,7 +181,7 @@ def _generate_with(lm, args) -> None:
             print(chunk, end="", flush=True)
     result = stream.result
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "scheme": lm.scheme, "boundary": lm.stats()}))
     else:
         print("" if args.stream else result.text)
 
