@@ -29,6 +29,7 @@ STDERR_TAIL_BYTES = 2000
 # Bytes in flight per direction. The default (~208 KiB) makes a 3 MiB frame a dozen sleep/wake
 # hand-offs between the processes; 4 MiB makes it ~3x faster. Linux caps it at net.core.wmem_max.
 SEND_BUFFER_BYTES = 4 << 20
+STARTUP = "start-up"
 
 
 class ProcessChannel(Channel):
@@ -70,7 +71,7 @@ class ProcessChannel(Channel):
         self._read_into = socket_reader(ours)
         try:
             ours.settimeout(startup_timeout_s)
-            with self._transport_errors("start-up", startup_timeout_s):
+            with self._transport_errors(STARTUP, startup_timeout_s):
                 ready = read_frame(self._read_into)
             if ready.kind != READY:
                 raise DeviceProtocolError(
@@ -104,7 +105,10 @@ class ProcessChannel(Channel):
                 "restart the device (SecureLM.restart_device()) and retry; if it is only slow, raise its timeout",
             ) from None
         except (EOFError, ConnectionError):
-            raise DeviceDied(f"device process {self.pid} {self._exit_story()} (during {during})") from None
+            story = f"device process {self.pid} {self._exit_story()} (during {during})"
+            if during == STARTUP:  # restarting would fail the same way: the set-up itself must change
+                raise DeviceDied(story, "fix what the device reported (for example, use --device cpu), then retry") from None
+            raise DeviceDied(story) from None
         except ProtocolError as error:
             raise DeviceProtocolError(
                 f"device process {self.pid} sent a malformed frame (during {during}): {error}"
