@@ -19,7 +19,7 @@ def report(tiny_gguf):
 
 
 def test_every_runner_is_timed_side_by_side(report):
-    assert set(report["results"]) == {ENGINE, TRANSFORMERS, "plain", "enclave"}
+    assert set(report["results"]) == {ENGINE, TRANSFORMERS, "plain", "enclave", "plain-int8", "secureinfer"}
     for result in report["results"].values():
         assert len(result["decode_tok_s"]["runs"]) == 2 and result["decode_tok_s"]["median"] > 0
     assert set(report["ratios"]["plain"]) == {"decode_vs_transformers", "decode_vs_plain", "decode_vs_enclave"}
@@ -27,7 +27,7 @@ def test_every_runner_is_timed_side_by_side(report):
 
 
 def test_scheme_traffic_is_measured_and_matches_the_analytic_figures(report):
-    for scheme in ("plain", "enclave"):
+    for scheme in ("plain", "enclave", "plain-int8", "secureinfer"):
         measured, analytic = (report["results"][scheme][k] for k in ("measured_per_token", "analytic_per_token"))
         for key in ("round_trips", "bytes_to_device", "bytes_from_device"):
             assert measured[key] == pytest.approx(analytic[key]), (scheme, key)

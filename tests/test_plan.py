@@ -18,7 +18,7 @@ LINEAR_OPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 
 
 def test_presets_place_every_op_once_in_order():
-    assert {"plain", "enclave"} <= set(PRESETS)
+    assert {"plain", "enclave", "plain-int8", "secureinfer"} <= set(PRESETS)
     for name in PRESETS:
         plan = build_plan(name, CONFIG)
         assert [(p.op, p.layer) for p in plan.placements] == op_sequence(CONFIG)
@@ -68,8 +68,12 @@ def test_malformed_plans_are_refused():
         Plan("missing-op", CONFIG, placements[1:])
     with pytest.raises(ValueError, match="sampling runs in the enclave"):
         Plan("device-sampling", CONFIG, placements[:-1] + (Placement("sample", None, DEVICE),))
-    with pytest.raises(InvalidRequestError, match="transform 'blinded'"):
-        uniform_plan("future", CONFIG, lambda op: (ENCLAVE if op == "sample" else DEVICE, "blinded"))
+    with pytest.raises(InvalidRequestError, match="transform 'permuted'"):
+        uniform_plan("future", CONFIG, lambda op: (ENCLAVE if op == "sample" else DEVICE, "permuted"))
+    with pytest.raises(ValueError, match="only the projections"):
+        uniform_plan("blind-norm", CONFIG, lambda op: (ENCLAVE, "clear") if op == "sample" else (DEVICE, "blinded"))
+    with pytest.raises(ValueError, match="place it there"):
+        uniform_plan("blind-in-enclave", CONFIG, lambda op: (ENCLAVE, "blinded" if op in LINEAR_OPS else "clear"))
     with pytest.raises(InvalidRequestError, match="unknown scheme 'nope'"):
         build_plan("nope", CONFIG)
 
@@ -99,3 +103,18 @@ def test_weight_bytes_follow_the_placement():
     kv = 2 * CONFIG.num_layers * CONFIG.num_kv_heads * CONFIG.head_dim * 16 * 4
     assert (plain.device_kv_bytes, enclave.enclave_kv_bytes, enclave.enclave_resident_bytes) == (kv, kv, total + kv)
     assert plain.enclave_flops + plain.device_flops == enclave.enclave_flops
+
+
+def test_secureinfer_blinds_every_projection_alone_and_keeps_the_rest_in_the_enclave():
+    plan = build_plan("secureinfer", CONFIG)
+    device = plan.device_segments
+    assert len(device) == 4 * CONFIG.num_layers + 1
+    assert all(s.transform == "blinded" and len(s.ops) == 1 and s.ops[0][0] in LINEAR_OPS for s in device)
+    assert all(p.side == ENCLAVE for p in plan.placements if p.op not in LINEAR_OPS)
+    assert all(name.endswith(".q") for name in plan.stored_weights(DEVICE))  # int8 public weights, no scales
+    costs = plan_costs(plan, 16)
+    d, f, v = CONFIG.hidden_size, CONFIG.intermediate_size, CONFIG.vocab_size
+    per_layer_in = d + CONFIG.q_size + d + f  # h, a, h, m: field elements of 8 bytes
+    per_layer_out = CONFIG.q_size + 2 * CONFIG.kv_size + d + 2 * f + d
+    assert costs.bytes_to_device == 8 * (CONFIG.num_layers * per_layer_in + d)
+    assert costs.bytes_from_device == 8 * (CONFIG.num_layers * per_layer_out + v)

@@ -73,6 +73,14 @@ def test_schemes_through_the_process_boundary_match_the_in_process_engine(real_c
     assert stats["channel"]["round_trips_by_kind"].get("run", 0) == (5 * 24 if scheme == "plain" else 0)
 
 
+def test_secureinfer_generates_exactly_what_plain_int8_generates(real_checkpoint):
+    tokens = {}
+    for scheme in ("plain-int8", "secureinfer"):
+        with SecureLM(real_checkpoint, scheme) as lm:
+            tokens[scheme] = [lm.generate(p, max_new_tokens=16, ignore_eos=True).tokens for p in PROMPTS[:5]]
+    assert tokens["secureinfer"] == tokens["plain-int8"]
+
+
 def test_chat_answers_the_demo_question(real_checkpoint):
     with SecureLM(real_checkpoint, "plain") as lm:
         result = lm.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=32)

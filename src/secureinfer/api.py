@@ -46,6 +46,8 @@ class SecureLM:
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.plan = build_plan(scheme, checkpoint.config)
+        threads = threads or self._split_threads(channel)
+        self.threads = threads  # the enclave's (and device's) torch threads; None: torch's default
         open_device = functools.partial(
             open_channel, channel, device=device, record_view=record_view, timeout_s=device_timeout_s, threads=threads
         )
@@ -54,6 +56,15 @@ class SecureLM:
             checkpoint.config, weights, self.plan, open_device, epc_bytes=epc_bytes, harden=harden
         )
         self.generator = Generator(self.runtime, self.tokenizer, checkpoint.config.max_position_embeddings)
+
+    def _split_threads(self, channel: str) -> int | None:
+        """Plans that cross the boundary many times a token keep both processes busy in turn: give each
+        half the cores, or their thread pools fight over them (measured: 2.4 vs 9.7 tok/s on 2 cores)."""
+        if channel != "process" or len(self.plan.device_segments) <= 1:
+            return None
+        threads = max(1, (os.cpu_count() or 2) // 2)
+        torch.set_num_threads(threads)
+        return threads
 
     def generate(self, prompt: str, **options) -> GenerationResult:
         """Continue `prompt` as raw text. Options: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos."""

@@ -62,7 +62,7 @@ memory_size.__name__ = "a size like 90MiB"
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a .gguf file, a .safetensors file or a transformers directory (default: bundled SmolLM2)")
-    p.add_argument("--scheme", default="plain", help="protection scheme: plain (default) or enclave; see `secureinfer plan`")
+    p.add_argument("--scheme", default="plain", help="scheme: plain (default), enclave, plain-int8 or secureinfer; see `secureinfer plan`")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads per process (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--device", default="cpu", help="where the untrusted device computes: cpu (default) or cuda")
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="time our engine, transformers and each scheme side by side in one run"
     )
     bench.add_argument("--model", help="model path (default: bundled SmolLM2)")
-    bench.add_argument("--scheme", action="append", help="scheme to time (repeatable; default: plain and enclave)")
+    bench.add_argument("--scheme", action="append", help="scheme to time (repeatable; default: plain, enclave, plain-int8, secureinfer)")
     bench.add_argument("--threads", type=positive_int, help="torch CPU threads per process")
     bench.add_argument("--channel", default="process", help="process (default) or inprocess")
     bench.add_argument("--device", default="cpu", help="cpu (default) or cuda")

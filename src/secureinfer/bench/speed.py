@@ -10,6 +10,7 @@ analytic figures, with a time breakdown (enclave compute, device compute, transf
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -27,17 +28,20 @@ from ..plan.costs import plan_costs
 BENCH_MESSAGES = [{"role": "user", "content": "Explain in detail how a steam engine works, step by step."}]
 DECODE_TARGET, DECODE_STRETCH, SECOND_LOAD_LIMIT_S = 1.0, 1.5, 2.0
 ENGINE, TRANSFORMERS = "engine (in-process)", "transformers generate"
+DEFAULT_SCHEMES = ("plain", "enclave", "plain-int8", "secureinfer")
 
 
 @dataclass
 class Runner:
     name: str
     run: Callable[[int], tuple[float, float]]  # new tokens -> (ttft_s, decode_tok_s)
+    threads: int = 1  # torch threads in this process while it runs
     ttft_s: list[float] = field(default_factory=list)
     decode_tok_s: list[float] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     def time(self, new_tokens: int) -> None:
+        torch.set_num_threads(self.threads)
         ttft, decode = self.run(new_tokens)
         self.ttft_s.append(ttft)
         self.decode_tok_s.append(decode)
@@ -82,7 +86,7 @@ def transformers_runner(checkpoint: Checkpoint, prompt_ids: list[int]) -> Runner
             )
         return clock.times[0] - start, (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
-    return Runner(TRANSFORMERS, run)
+    return Runner(TRANSFORMERS, run, torch.get_num_threads())
 
 
 def generator_runner(name: str, generator: Generator) -> Runner:
@@ -90,12 +94,13 @@ def generator_runner(name: str, generator: Generator) -> Runner:
         result = generator.generate(BENCH_MESSAGES, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
         return result.ttft_s, result.decode_tok_s
 
-    return Runner(name, run)
+    return Runner(name, run, torch.get_num_threads())
 
 
 def scheme_runner(lm: SecureLM, prompt_tokens: int) -> Runner:
     """Times a scheme and, per run, compares its measured channel traffic with the plan's analytic costs."""
     runner = generator_runner(lm.scheme, lm.generator)
+    runner.threads = lm.threads or runner.threads
     timed = runner.run
 
     def run(new_tokens: int) -> tuple[float, float]:
@@ -121,6 +126,7 @@ def scheme_runner(lm: SecureLM, prompt_tokens: int) -> Runner:
                 "device_flops": decode.device_flops,
             },
             "enclave_memory": stats["memory"],
+            "offline_pad_ms_per_token": per_token(stats["pads"]["offline_s"]) * 1000,
         }
         return ttft_s, decode_tok_s
 
@@ -136,17 +142,16 @@ def run_speed_bench(args) -> dict:
     tokenizer = second.tokenizer
     prompt_ids = tokenizer.apply_chat_template(BENCH_MESSAGES)
     engine = Generator(Llama.from_state_dict(second.config, second.weights), tokenizer, second.config.max_position_embeddings)
-    schemes = [
-        SecureLM(second, scheme, channel=args.channel, device=args.device, threads=args.threads)
-        for scheme in dict.fromkeys(args.scheme or ["plain", "enclave"])
-    ]
-    runners = [
-        generator_runner(ENGINE, engine),
-        transformers_runner(second, prompt_ids),
-        *[scheme_runner(lm, len(prompt_ids)) for lm in schemes],
-    ]
+    runners = [generator_runner(ENGINE, engine), transformers_runner(second, prompt_ids)]
+    base_threads = torch.get_num_threads()
+    schemes = []
+    for scheme in dict.fromkeys(args.scheme or DEFAULT_SCHEMES):
+        schemes.append(SecureLM(second, scheme, channel=args.channel, device=args.device, threads=args.threads))
+        torch.set_num_threads(base_threads)  # a scheme may split the cores for itself; the runners set their own
+        runners.append(scheme_runner(schemes[-1], len(prompt_ids)))
     try:
         for runner in runners:
+            torch.set_num_threads(runner.threads)
             runner.run(4)  # warm-up: allocator, thread pools, the device's first step
         for _ in range(args.repeats):
             for runner in runners:
@@ -158,13 +163,13 @@ def run_speed_bench(args) -> dict:
     results = {runner.name: runner.summary() for runner in runners}
     report = {
         "model": str(second.source),
-        "threads": torch.get_num_threads(),
+        "threads": {runner.name: runner.threads for runner in runners},
         "channel": args.channel,
         "device": args.device,
         "prompt_tokens": len(prompt_ids),
         "new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "load": {
             "first_s": first.details["load_s"],
             "first_cache_hit": first.details.get("cache_hit"),
@@ -204,7 +209,7 @@ def to_markdown(report: dict) -> str:
     results, ratios = report["results"], report["ratios"]
     lines = [
         f"{Path(report['model']).name}: {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, "
-        f"{report['threads']} threads, {report['channel']} channel, device {report['device']}; "
+        f"{report['channel']} channel, device {report['device']}, threads per process {report['threads']}; "
         f"median (min-max) of {report['repeats']} runs, round-robin",
         "",
         "| runner | time to first token, ms | decode, tokens/s | decode vs transformers | vs plain | vs enclave |",

@@ -56,6 +56,8 @@ class ProcessChannel(Channel):
         try:
             self.process = subprocess.Popen(
                 argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=self._stderr,
+                # Idle OpenMP threads that spin steal the enclave's cores while the device waits on it.
+                env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},
                 start_new_session=True,  # Ctrl-C reaches the enclave only, which then closes the device in order
             )  # fmt: skip
         except OSError as error:

@@ -30,7 +30,7 @@ from torch import Tensor
 from ..channel.wire import ERROR, OK, Tensors
 from ..errors import SecureInferError
 from ..model.config import ModelConfig
-from ..model.kernels import KERNELS, StepContext, run_ops
+from ..model.kernels import KERNELS, StepContext, blinded_product, run_ops
 from ..model.llama import KVCache, rope_tables
 from .recorder import HeldState, ViewRecorder
 
@@ -175,7 +175,14 @@ class DeviceEndpoint:
                 None if pad is None else torch.tensor(pad, dtype=torch.int64), meta["last_only"],
             )  # fmt: skip
         self.values.update({name: tensor.to(self.device) for name, tensor in inputs.items()})
-        run_ops(ops, self.values, self.weights, self.cache, ctx, self.recorder.record_held if self.recorder else None)
+        observe = self.recorder.record_held if self.recorder else None
+        if meta.get("blinded"):
+            ((op, layer),) = ops  # a blinded segment is one projection: the enclave unpads between them
+            blinded_product(self.values, self.weights, op, layer)
+            if observe:
+                observe(op, layer, {"y": self.values["y"]})
+        else:
+            run_ops(ops, self.values, self.weights, self.cache, ctx, observe)
         if any(op == "attention" for op, _ in ops):
             self.positions_written = max(self.positions_written, start + length)
         missing = [name for name in meta["returns"] if name not in self.values]

@@ -17,13 +17,33 @@ from torch import Tensor
 
 from ..channel import Channel, DeviceError
 from ..model.config import ModelConfig
-from ..model.kernels import StepContext, flat_weights, run_ops
+from ..crypto.field import P, to_signed
+from ..crypto.pads import PadPool
+from ..crypto.quant import QuantizedWeight, dequantize_product, quantize_activation, quantize_weight
+from ..model.kernels import StepContext, flat_weights, run_ops, store_projection
 from ..model.llama import KVCache, LlamaWeights, rope_tables
 from ..plan import DEVICE, ENCLAVE, Plan
+from ..plan.ops import OPS, weight_names
 from .hardening import SecretMemory, make_undumpable
 from .memory import EnclaveMemory
 
 UPLOAD_CHUNK_BYTES = 64 << 20  # keeps each weight message, and the device's receive buffer, bounded
+
+
+class StoredWeights:
+    """Weight tensors by stored name: `name` float32, `name.q` int8 transposed, `name.scale`; quantized once."""
+
+    def __init__(self, flat: dict[str, Tensor]):
+        self.flat = flat
+        self.quantized: dict[str, QuantizedWeight] = {}
+
+    def __getitem__(self, stored: str) -> Tensor:
+        base, _, suffix = stored.rpartition(".")
+        if suffix not in ("q", "scale"):
+            return self.flat[stored]
+        if base not in self.quantized:
+            self.quantized[base] = quantize_weight(self.flat[base])
+        return self.quantized[base].weight_t if suffix == "q" else self.quantized[base].scale
 
 
 class EnclaveRuntime:
@@ -42,15 +62,18 @@ class EnclaveRuntime:
         self.memory = EnclaveMemory(epc_bytes)
         self.process_hardening = make_undumpable() if harden else {"dumpable": True, "reason": "hardening off"}
         self.secret = SecretMemory(enabled=harden)
-        flat = flat_weights(weights)
-        enclave_aliases = self._tied_aliases(plan.weights_on(ENCLAVE))
+        stored = StoredWeights(flat_weights(weights))
+        enclave_names = plan.stored_weights(ENCLAVE)
+        enclave_aliases = self._tied_aliases(enclave_names)
         self.weights = {
-            name: self.memory.hold(f"weight:{name}", self.secret.copy(flat[name]))
-            for name in plan.weights_on(ENCLAVE)
+            name: self.memory.hold(f"weight:{name}", self.secret.copy(stored[name]))
+            for name in enclave_names
             if name not in enclave_aliases
         }
         self.weights.update({alias: self.weights[target] for alias, target in enclave_aliases.items()})
-        self._device_weights = {name: flat[name] for name in plan.weights_on(DEVICE)}
+        self._device_weights = {name: stored[name] for name in plan.stored_weights(DEVICE)}
+        blinded = [weight_names(p.op, p.layer)[0] for p in plan.placements if p.transform == "blinded"]
+        self.pads = PadPool({name: self.weights[f"{name}.q"] for name in blinded})
         self.rope = rope_tables(config, config.max_position_embeddings)
         self._open_device = open_device
         self.channel: Channel | None = None
@@ -115,25 +138,52 @@ class EnclaveRuntime:
         ctx = StepContext.create(self.config, self.rope, start, batch, length, pad, last_only)
         values: dict[str, Tensor] = {"tokens": tokens}
         for segment in self.plan.segments:
+            if segment.transform == "blinded":
+                self._blinded_projection(segment, values, ctx)
+                continue
             if segment.side == ENCLAVE:
                 began = time.perf_counter()
                 run_ops(segment.ops, values, self.weights, cache, ctx)
                 self.enclave_compute_s += time.perf_counter() - began
                 self.memory.observe("activations", sum(v.numel() * v.element_size() for v in values.values()))
                 continue
-            meta = {
-                "step": self.step,
-                "start": start,
-                "batch": batch,
-                "length": length,
-                "pad": None if pad is None else pad.tolist(),
-                "last_only": last_only,
-                "ops": segment.ops,
-                "returns": segment.returns,
-            }
+            meta = self._run_meta(ctx, segment.ops, segment.returns)
             _, returned = self.channel.request("run", meta, {name: values[name] for name in segment.sends})
             values.update(returned)
         return values["logits"]
+
+    def _run_meta(self, ctx: StepContext, ops: list, returns: list[str], blinded: bool = False) -> dict:
+        return {
+            "step": self.step,
+            "start": ctx.start,
+            "batch": ctx.batch,
+            "length": ctx.length,
+            "pad": None if ctx.pad is None else ctx.pad.tolist(),
+            "last_only": ctx.last_only,
+            "ops": ops,
+            "returns": returns,
+            "blinded": blinded,
+        }
+
+    def _blinded_projection(self, segment, values: dict[str, Tensor], ctx: StepContext) -> None:
+        """Quantize, pad with fresh (r, u), let the device multiply, unpad and rescale: the device sees only x + r."""
+        began, offline_before = time.perf_counter(), self.pads.stats.offline_s
+        ((op, layer),) = segment.ops
+        (name,) = weight_names(op, layer)
+        x = values[OPS[op].reads[0]]
+        q, row_scale = quantize_activation(x)
+        rows = q.reshape(-1, q.shape[-1])
+        r, u = self.pads.take(name, rows.shape[0])
+        self.memory.observe("pads", self.pads.held_bytes())  # the pool is enclave memory too
+        padded = (rows % P + r) % P
+        # Pad refills done inside `take` are offline work, reported apart in the pad stats.
+        self.enclave_compute_s += time.perf_counter() - began - (self.pads.stats.offline_s - offline_before)
+        _, returned = self.channel.request("run", self._run_meta(ctx, segment.ops, ["y"], blinded=True), {"v": padded})
+        began = time.perf_counter()
+        product = to_signed((returned["y"] - u) % P).view(*x.shape[:-1], -1)
+        weight = QuantizedWeight(self.weights[f"{name}.q"], self.weights[f"{name}.scale"])
+        store_projection(op, values, dequantize_product(product, row_scale, weight), ctx)
+        self.enclave_compute_s += time.perf_counter() - began
 
     def stats(self) -> dict:
         counters = self.channel.counters.snapshot() if self.channel else {}
@@ -148,11 +198,13 @@ class EnclaveRuntime:
                 "transfer_s": counters.get("wait_s", 0.0) - counters.get("device_compute_s", 0.0),
             },
             "memory": self.memory.report(),
+            "pads": vars(self.pads.stats) | {"held_bytes": self.pads.held_bytes()},
             "hardening": {**self.process_hardening, **self.secret.report()},
         }
 
     def reset_stats(self) -> None:
         self.enclave_compute_s = 0.0
+        self.pads.stats = type(self.pads.stats)()
         if self.channel:
             self.channel.counters.reset()
 

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..plan.ops import OPS
+from ..crypto.field import field_matmul
+from ..crypto.quant import QuantizedWeight, int8_linear
+from ..plan.ops import OPS, weight_names
 from .config import ModelConfig
 from .llama import KVCache, LayerWeights, LlamaWeights, apply_rope, attention_mask, rms_norm, swiglu
 
@@ -65,11 +67,34 @@ def _flat(t: Tensor, ctx: StepContext) -> Tensor:
     return t.transpose(1, 2).reshape(ctx.batch, ctx.length, -1)
 
 
-def _qkv(v: Values, w: Weights, layer: int, ctx: StepContext) -> None:
-    cfg = ctx.config
-    v["q"], v["k"], v["v"] = F.linear(v["h"], w[f"layers.{layer}.wqkv"]).split(
-        [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1
-    )
+def project(x: Tensor, weights: Weights, name: str) -> Tensor:
+    """x @ W.T in float32, or through the int8 pipeline when the side holds the weight quantized."""
+    if f"{name}.q" in weights:
+        return int8_linear(x, QuantizedWeight(weights[f"{name}.q"], weights[f"{name}.scale"]))
+    return F.linear(x, weights[name])
+
+
+def store_projection(op: str, values: Values, product: Tensor, ctx: StepContext) -> None:
+    """Write a projection op's product to its outputs (q/k/v are one product, split here)."""
+    if op == "qkv_proj":
+        cfg = ctx.config
+        values["q"], values["k"], values["v"] = product.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    else:
+        values[OPS[op].writes[0]] = product
+
+
+def blinded_product(values: Values, weights: Weights, op: str, layer: int | None) -> None:
+    """The device's half of a blinded projection: y = v W mod P on one-time-padded field elements `v`."""
+    (name,) = weight_names(op, layer)
+    values["y"] = field_matmul(values["v"], weights[f"{name}.q"])
+
+
+def _projection(op: str) -> Callable:
+    def run(v: Values, w: Weights, layer: int | None, ctx: StepContext) -> None:
+        (name,) = weight_names(op, layer)
+        store_projection(op, v, project(v[OPS[op].reads[0]], w, name), ctx)
+
+    return run
 
 
 def _rope(v: Values, w: Weights, layer: int, ctx: StepContext) -> None:
@@ -101,13 +126,6 @@ def _norm(weight: str) -> Callable:
     return run
 
 
-def _linear(src: str, dst: str, weight: str) -> Callable:
-    def run(v: Values, w: Weights, layer: int | None, ctx: StepContext) -> None:
-        v[dst] = F.linear(v[src], w[weight if layer is None else f"layers.{layer}.{weight}"])
-
-    return run
-
-
 def _residual(src: str) -> Callable:
     def run(v: Values, w: Weights, layer: int, ctx: StepContext) -> None:
         v["x"] = v["x"] + v[src]
@@ -119,17 +137,17 @@ def _residual(src: str) -> Callable:
 KERNELS: dict[str, Callable[[Values, Weights, int | None, StepContext], None]] = {
     "embed": lambda v, w, layer, ctx: v.__setitem__("x", F.embedding(v["tokens"], w["embed"])),
     "attn_norm": _norm("attn_norm"),
-    "qkv_proj": _qkv,
+    "qkv_proj": _projection("qkv_proj"),
     "rope": _rope,
-    "o_proj": _linear("a", "o", "wo"),
+    "o_proj": _projection("o_proj"),
     "attn_residual": _residual("o"),
     "ffn_norm": _norm("ffn_norm"),
-    "gate_up_proj": _linear("h", "gu", "w_gate_up"),
+    "gate_up_proj": _projection("gate_up_proj"),
     "swiglu": lambda v, w, layer, ctx: v.__setitem__("m", swiglu(v["gu"])),
-    "down_proj": _linear("m", "dn", "w_down"),
+    "down_proj": _projection("down_proj"),
     "ffn_residual": _residual("dn"),
     "final_norm": _final_norm,
-    "lm_head": _linear("h", "logits", "lm_head"),
+    "lm_head": _projection("lm_head"),
 }
 
 

@@ -39,27 +39,39 @@ class PlanCosts:
         return asdict(self) | {"enclave_resident_bytes": self.enclave_resident_bytes}
 
 
-def weight_bytes(name: str, config: ModelConfig) -> int:
+def weight_shape(name: str, config: ModelConfig) -> tuple[int, int]:
+    """(rows, columns) of a float32 weight, [out, in] for projections; norms are [1, d]."""
     d, f = config.hidden_size, config.intermediate_size
-    elements = {
-        "embed": config.vocab_size * d,
-        "lm_head": config.vocab_size * d,
-        "final_norm": d,
-        "attn_norm": d,
-        "ffn_norm": d,
-        "wqkv": (config.q_size + 2 * config.kv_size) * d,
-        "wo": config.q_size * d,
-        "w_gate_up": 2 * f * d,
-        "w_down": f * d,
+    return {
+        "embed": (config.vocab_size, d),
+        "lm_head": (config.vocab_size, d),
+        "final_norm": (1, d),
+        "attn_norm": (1, d),
+        "ffn_norm": (1, d),
+        "wqkv": (config.q_size + 2 * config.kv_size, d),
+        "wo": (d, config.q_size),
+        "w_gate_up": (2 * f, d),
+        "w_down": (d, f),
     }[name.rsplit(".", 1)[-1]]
-    return elements * FLOAT_BYTES
+
+
+def stored_bytes(stored: str, config: ModelConfig) -> int:
+    """Bytes of a stored weight tensor: `name` float32, `name.q` int8, `name.scale` float32 per output."""
+    base, _, suffix = stored.rpartition(".")
+    if suffix == "q":
+        rows, cols = weight_shape(base, config)
+        return rows * cols
+    if suffix == "scale":
+        return weight_shape(base, config)[0] * FLOAT_BYTES
+    rows, cols = weight_shape(stored, config)
+    return rows * cols * FLOAT_BYTES
 
 
 def resident_weight_bytes(plan: Plan, side: str) -> int:
-    names = plan.weights_on(side)
+    names = plan.stored_weights(side)
     if plan.config.tie_word_embeddings and "embed" in names and "lm_head" in names:
         names.remove("lm_head")  # one tensor serves both
-    return sum(weight_bytes(n, plan.config) for n in names)
+    return sum(stored_bytes(n, plan.config) for n in names)
 
 
 def kv_bytes(config: ModelConfig, layers: int, positions: int) -> int:
@@ -67,9 +79,9 @@ def kv_bytes(config: ModelConfig, layers: int, positions: int) -> int:
 
 
 def transfer_bytes(values: list[str], segment: Segment, config: ModelConfig, tokens: int) -> int:
-    return sum(
-        value_width(v, config) * value_itemsize(v) * (1 if v in segment.last_position else tokens) for v in values
-    )
+    # Blinded values cross as int64 field elements: 8 bytes each, whatever they stand for.
+    itemsize = (lambda v: 8) if segment.transform == "blinded" else value_itemsize
+    return sum(value_width(v, config) * itemsize(v) * (1 if v in segment.last_position else tokens) for v in values)
 
 
 def plan_costs(plan: Plan, context: int, tokens: int = 1) -> PlanCosts:

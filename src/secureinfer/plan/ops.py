@@ -42,6 +42,8 @@ OPS: dict[str, OpSpec] = {
     )
 }
 LAYER_OPS = tuple(name for name, spec in OPS.items() if spec.per_layer)
+# The dense products with a public weight: the ops that can run quantized ("int8") or blinded.
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 
 
 def weight_names(op: str, layer: int | None) -> list[str]:

@@ -13,11 +13,14 @@ from functools import cached_property
 
 from ..errors import InvalidRequestError
 from ..model.config import ModelConfig
-from .ops import LAYER_OPS, OPS, weight_names
+from .ops import LAYER_OPS, OPS, PROJECTIONS, weight_names
 
 ENCLAVE, DEVICE = "enclave", "device"
 SIDES = (ENCLAVE, DEVICE)
-TRANSFORMS = ("clear",)
+# clear: float32, as is. int8: the projection runs on int8 weights (per-channel scales) and 17-bit
+# fixed-point activations, exactly. blinded: the same int8 product, on the device, on activations
+# one-time padded in Z_P; the enclave quantizes, pads, unpads and rescales.
+TRANSFORMS = ("clear", "int8", "blinded")
 # The engine only samples from the last position, so from the final norm on only that position is computed.
 LAST_POSITION_OPS = ("final_norm", "lm_head", "sample")  # later schemes add "blinded" and "permuted"
 
@@ -33,6 +36,7 @@ class Placement:
 @dataclass
 class Segment:
     side: str
+    transform: str = "clear"
     ops: list[tuple[str, int | None]] = field(default_factory=list)
     sends: list[str] = field(default_factory=list)  # values the enclave sends before a device segment
     returns: list[str] = field(default_factory=list)  # values the device sends back after it
@@ -64,6 +68,14 @@ class Plan:
                 )
         if self.placements[-1].side != ENCLAVE:
             raise ValueError("sampling runs in the enclave: the generation loop and its RNG are trusted state")
+        for p in self.placements:
+            if p.transform != "clear" and p.op not in PROJECTIONS:
+                raise ValueError(f"{p.op}: only the projections {PROJECTIONS} can be {p.transform}")
+            if p.transform == "blinded" and p.side != DEVICE:
+                raise ValueError(f"{p.op}@{p.layer}: blinding protects what goes to the device; place it there")
+        for segment in self.segments:
+            if segment.transform == "blinded" and len(segment.ops) != 1:
+                raise ValueError(f"blinded {segment.ops[0][0]} shares a device segment: the enclave must unpad between ops")
 
     def side_of(self, op: str, layer: int | None = None) -> str:
         return next(p.side for p in self.placements if p.op == op and p.layer == layer)
@@ -71,6 +83,23 @@ class Plan:
     def weights_on(self, side: str) -> list[str]:
         names = [w for p in self.placements if p.side == side for w in weight_names(p.op, p.layer)]
         return list(dict.fromkeys(names))
+
+    def stored_weights(self, side: str) -> list[str]:
+        """The weight tensors `side` holds: `name` (float32), `name.q` (int8, transposed) and `name.scale`.
+
+        A blinded projection's int8 weight sits on the device; the enclave keeps it too (to compute
+        its pads, u = r W) with the scales (to rescale), so both appear on the enclave's list.
+        """
+        stored = []
+        for p in self.placements:
+            if p.transform == "blinded":  # always on the device (validated), and mirrored in the enclave
+                suffixes = (".q",) if side == DEVICE else (".q", ".scale")
+            elif p.side != side:
+                continue
+            else:
+                suffixes = (".q", ".scale") if p.transform == "int8" else ("",)
+            stored += [name + suffix for name in weight_names(p.op, p.layer) for suffix in suffixes]
+        return list(dict.fromkeys(stored))
 
     def attention_layers_on(self, side: str) -> list[int]:
         return [p.layer for p in self.placements if p.op == "attention" and p.side == side]
@@ -83,8 +112,9 @@ class Plan:
         segments: list[Segment] = []
         last_device: Segment | None = None
         for p in self.placements[:-1]:
-            if not segments or segments[-1].side != p.side:
-                segments.append(Segment(p.side))
+            blinded = p.transform == "blinded"
+            if not segments or segments[-1].side != p.side or blinded or segments[-1].transform == "blinded":
+                segments.append(Segment(p.side, "blinded" if blinded else "clear"))
                 last_device = segments[-1] if p.side == DEVICE else last_device
             segment = segments[-1]
             spec = OPS[p.op]

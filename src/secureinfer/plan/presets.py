@@ -7,6 +7,7 @@ from typing import Callable
 
 from ..errors import InvalidRequestError
 from ..model.config import ModelConfig
+from .ops import PROJECTIONS
 from .plan import DEVICE, ENCLAVE, Plan, uniform_plan
 
 
@@ -42,3 +43,24 @@ def plain(config: ModelConfig) -> Plan:
 @register("enclave", "TEE-only baseline: every op in the enclave; the device holds and sees nothing")
 def enclave(config: ModelConfig) -> Plan:
     return uniform_plan("enclave", config, lambda op: (ENCLAVE, "clear"))
+
+
+@register("plain-int8", "the int8 reference: like plain, with every projection on int8 weights; what secureinfer must equal bit for bit")
+def plain_int8(config: ModelConfig) -> Plan:
+    def place(op: str) -> tuple[str, str]:
+        if op == "sample":
+            return ENCLAVE, "clear"
+        return DEVICE, "int8" if op in PROJECTIONS else "clear"
+
+    return uniform_plan("plain-int8", config, place)
+
+
+@register(
+    "secureinfer",
+    "SecureInfer (arXiv 2510.19979), our reading: every projection on the device, blinded with one-time pads "
+    "mod P; embedding, norms, RoPE, attention and KV cache, SwiGLU, residuals and sampling in the enclave",
+)
+def secureinfer(config: ModelConfig) -> Plan:
+    return uniform_plan(
+        "secureinfer", config, lambda op: (DEVICE, "blinded") if op in PROJECTIONS else (ENCLAVE, "clear")
+    )

@@ -1,0 +1,46 @@
+"""int8 weights with per-output-channel scales, fixed-point activations with per-row scales, and the
+exact integer product in between. Both the clear int8 pipeline and the blinded one call these same
+functions, which is why they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .field import P, field_matmul, to_signed
+
+WEIGHT_QMAX = 127
+ACTIVATION_QMAX = 2**16 - 1  # 17-bit signed fixed point; see field.py for why it stays exact
+
+
+@dataclass
+class QuantizedWeight:
+    weight_t: Tensor  # int8 [in, out]: transposed, the layout the integer GEMM reads
+    scale: Tensor  # float32 [out]
+
+
+def quantize_weight(weight: Tensor) -> QuantizedWeight:
+    """weight: float32 [out, in] -> int8 with one scale per output channel."""
+    scale = (weight.abs().amax(dim=1) / WEIGHT_QMAX).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(weight / scale[:, None]).clamp(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8)
+    return QuantizedWeight(q.t().contiguous(), scale.float())
+
+
+def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x: float32 [..., d] -> (int64 values in [-QMAX, QMAX], float32 scale per row [..., 1])."""
+    scale = (x.abs().amax(dim=-1, keepdim=True) / ACTIVATION_QMAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(x / scale).clamp(-ACTIVATION_QMAX, ACTIVATION_QMAX).to(torch.int64), scale
+
+
+def dequantize_product(product: Tensor, row_scale: Tensor, weight: QuantizedWeight) -> Tensor:
+    """The exact integer product back to float32: product * row scale * channel scale."""
+    return (product.to(torch.float64) * row_scale.to(torch.float64) * weight.scale.to(torch.float64)).float()
+
+
+def int8_linear(x: Tensor, weight: QuantizedWeight) -> Tensor:
+    """The clear int8 pipeline: quantize, multiply exactly, rescale."""
+    q, scale = quantize_activation(x)
+    return dequantize_product(to_signed(field_matmul(q % P, weight.weight_t)), scale, weight)

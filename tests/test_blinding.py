@@ -1,0 +1,142 @@
+"""Exact blinded outsourcing: the field product, int8 quantization, the pad pool, and `secureinfer`
+equal to the unblinded `plain-int8` pipeline bit for bit, with a device view that looks uniform."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import secureinfer
+from secureinfer.crypto.field import MAX_INNER_DIM, P, field_matmul, to_signed
+from secureinfer.crypto.pads import PadPool, uniform_field
+from secureinfer.crypto.quant import int8_linear, quantize_activation, quantize_weight
+from secureinfer.model import load_checkpoint
+
+PROMPTS = ["the cat and the dog", "once upon a time in a land", "is it on"]
+
+
+def chi_square_uniform_p_value(values: torch.Tensor, bins: int = 64) -> float:
+    from scipy.stats import chisquare
+
+    counts = torch.bincount((values.double() * bins / P).long().clamp(max=bins - 1), minlength=bins)
+    return float(chisquare(counts.numpy()).pvalue)
+
+
+def test_field_product_is_exact_at_the_extremes():
+    rng = random.Random(0)
+    rows = [[P - 1] * MAX_INNER_DIM, [rng.randrange(P) for _ in range(MAX_INNER_DIM)]]
+    weight = torch.tensor([[rng.choice((-127, 127, rng.randrange(-127, 128))) for _ in range(3)] for _ in range(MAX_INNER_DIM)], dtype=torch.int8)
+    got = field_matmul(torch.tensor(rows), weight)
+    expected = [[sum(x * int(weight[k, j]) for k, x in enumerate(row)) % P for j in range(3)] for row in rows]
+    assert got.tolist() == expected
+    with pytest.raises(ValueError, match="exceeds"):
+        field_matmul(torch.zeros(1, MAX_INNER_DIM + 1, dtype=torch.int64), torch.zeros(MAX_INNER_DIM + 1, 1, dtype=torch.int8))
+
+
+def test_signed_results_round_trip_through_the_field():
+    values = torch.tensor([-(P // 2), -1, 0, 1, P // 2])
+    assert torch.equal(to_signed(values % P), values)
+
+
+def test_int8_pipeline_approximates_float_and_blinding_cancels_exactly():
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 576, generator=gen), 0.05 * torch.randn(300, 576, generator=gen)
+    weight = quantize_weight(w)
+    reference = x @ w.T
+    assert (int8_linear(x, weight) - reference).abs().max() < 0.02 * reference.abs().max()
+    q, _ = quantize_activation(x)
+    r = uniform_field(4, 576)
+    padded = field_matmul((q % P + r) % P, weight.weight_t)
+    assert torch.equal(to_signed((padded - field_matmul(r, weight.weight_t)) % P), q @ weight.weight_t.long())
+
+
+def test_uniform_field_is_uniform_and_in_range():
+    values = uniform_field(200, 500)
+    assert 0 <= values.min() and values.max() < P
+    assert chi_square_uniform_p_value(values.flatten()) > 1e-3
+
+
+def test_the_pad_pool_never_hands_out_a_pad_twice():
+    weight = torch.randint(-127, 128, (48, 16), dtype=torch.int8)
+    pool = PadPool({"w": weight}, batch_rows=5)
+    taken = [pool.take("w", n) for n in (3, 4, 1, 7, 5, 2)]
+    rows = torch.cat([r for r, _ in taken])
+    assert len({tuple(row.tolist()) for row in rows}) == rows.shape[0] == pool.stats.used_rows == 22
+    for r, u in taken:
+        assert torch.equal(u, field_matmul(r, weight))
+    assert pool.stats.generated_rows - pool.stats.used_rows == sum(b.r.shape[0] - b.next_row for b in pool._pools["w"])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_gguf):
+    return load_checkpoint(tiny_gguf, progress=False)
+
+
+def forward_logits(lm, prompt_ids, pad=None):
+    runtime = lm.runtime
+    cache = runtime.new_cache(prompt_ids.shape[0], prompt_ids.shape[1] + 3)
+    steps = [runtime.forward(prompt_ids, cache, 0, pad, last_only=False)]
+    for i in range(3):
+        steps.append(runtime.forward(steps[-1][:, -1:].argmax(-1), cache, prompt_ids.shape[1] + i, pad))
+    return steps
+
+
+@pytest.mark.parametrize("channel", ["process", "inprocess"])
+def test_secureinfer_equals_plain_int8_bit_for_bit(checkpoint, channel):
+    ids = [checkpoint.tokenizer.encode(p) for p in PROMPTS]
+    longest = max(map(len, ids))
+    pad = torch.tensor([longest - len(row) for row in ids])
+    batch = torch.tensor([[2] * int(n) + row for n, row in zip(pad, ids)])
+    results = {}
+    for scheme in ("plain-int8", "secureinfer"):
+        with secureinfer.SecureLM(checkpoint, scheme, channel=channel, threads=torch.get_num_threads()) as lm:
+            results[scheme] = forward_logits(lm, batch, pad) + forward_logits(lm, torch.tensor([ids[0]]))
+            results[scheme + " tokens"] = [lm.generate(p, max_new_tokens=8, ignore_eos=True).tokens for p in PROMPTS]
+    for ours, reference in zip(results["secureinfer"], results["plain-int8"]):
+        assert torch.equal(ours, reference)
+    assert results["secureinfer tokens"] == results["plain-int8 tokens"]
+
+
+def test_the_secureinfer_device_view_is_uniform_and_holds_nothing_in_clear(tmp_path, checkpoint):
+    with secureinfer.SecureLM(checkpoint, "secureinfer", record_view=tmp_path) as lm:
+        lm.generate(PROMPTS[1], max_new_tokens=6, ignore_eos=True)
+        fp32_weights = lm.runtime.weights
+    messages = load_file(tmp_path / "messages.safetensors")
+    received = [t for key, t in messages.items() if key.endswith(".in.v")]
+    assert received and all(t.dtype == torch.int64 for t in received)
+    assert not [k for k, t in messages.items() if t.is_floating_point()]  # no activation, weight or logit in clear
+    values = torch.cat([t.flatten() for t in received])
+    assert 0 <= values.min() and values.max() < P
+    assert chi_square_uniform_p_value(values) > 1e-3
+    device_weights = load_file(tmp_path / "weights.safetensors")
+    assert all(w.dtype == torch.int8 for w in device_weights.values())
+    norms = [w for name, w in fp32_weights.items() if name.endswith("norm")]
+    assert not any(torch.equal(w, n) for w in device_weights.values() for n in norms if w.shape == n.shape)
+
+
+def test_blinded_values_do_not_predict_the_plaintext(checkpoint):
+    """A least-squares fit from what the device receives to the quantized plaintext explains nothing."""
+    with secureinfer.SecureLM(checkpoint, "secureinfer", channel="inprocess") as lm:
+        seen, plain = [], []
+        original = lm.runtime.channel.request
+
+        def spy(kind, meta=None, tensors=None):
+            if tensors and "v" in tensors:
+                seen.append(tensors["v"].double())
+            return original(kind, meta, tensors)
+
+        lm.runtime.channel.request = spy
+        take = lm.runtime.pads.take
+        lm.runtime.pads.take = lambda name, rows: (lambda r, u: (plain.append(r), (r, u))[1])(*take(name, rows))
+        lm.generate(PROMPTS[0], max_new_tokens=12, ignore_eos=True)
+    blinded = torch.cat([v.flatten() for v in seen])
+    pads = torch.cat([r.flatten() for r in plain]).double()
+    plaintext = to_signed((blinded.long() - pads.long()) % P).double()  # what the enclave padded
+    design = torch.stack([blinded / P, torch.ones_like(blinded)], dim=1)
+    fit = torch.linalg.lstsq(design, plaintext[:, None]).solution
+    residual = plaintext[:, None] - design @ fit
+    r_squared = 1 - residual.var() / plaintext.var()
+    assert plaintext.var() > 0 and r_squared < 0.01
