@@ -32,7 +32,7 @@ def test_plain_is_one_round_trip_tokens_in_logits_out():
 
 def test_enclave_never_talks_to_the_device():
     plan = build_plan("enclave", CONFIG)
-    assert plan.device_segments == [] and plan.weights_on(DEVICE) == []
+    assert plan.device_segments == [] and plan.stored_weights(DEVICE) == []
 
 
 def test_outsourcing_the_linear_ops_costs_four_trips_per_layer_plus_the_head():

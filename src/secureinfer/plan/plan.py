@@ -77,13 +77,6 @@ class Plan:
             if segment.transform == "blinded" and len(segment.ops) != 1:
                 raise ValueError(f"blinded {segment.ops[0][0]} shares a device segment: the enclave must unpad between ops")
 
-    def side_of(self, op: str, layer: int | None = None) -> str:
-        return next(p.side for p in self.placements if p.op == op and p.layer == layer)
-
-    def weights_on(self, side: str) -> list[str]:
-        names = [w for p in self.placements if p.side == side for w in weight_names(p.op, p.layer)]
-        return list(dict.fromkeys(names))
-
     def stored_weights(self, side: str) -> list[str]:
         """The weight tensors `side` holds: `name` (float32), `name.q` (int8, transposed) and `name.scale`.
 
