@@ -60,13 +60,18 @@ def memory_size(text: str) -> int:
 memory_size.__name__ = "a size like 90MiB"
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """What every command that starts a device takes: the model, threads, and where the device runs."""
     p.add_argument("--model", help="a .gguf file, a .safetensors file or a transformers directory (default: bundled SmolLM2)")
-    p.add_argument("--scheme", default="plain", help="scheme: plain (default), enclave, plain-int8 or secureinfer; see `secureinfer plan`")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads per process (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--device", default="cpu", help="where the untrusted device computes: cpu (default) or cuda")
     p.add_argument("--channel", default="process", help="process (default: a separate device process) or inprocess")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    _add_runtime_options(p)
+    p.add_argument("--scheme", default="plain", help="scheme: plain (default), enclave, plain-int8 or secureinfer; see `secureinfer plan`")
     p.add_argument("--record-view", metavar="DIR", help="dump everything the device holds, receives and sends to DIR")
     p.add_argument("--epc", type=memory_size, help="enclave memory budget, e.g. 90MiB (default: no limit)")
     p.add_argument("--device-timeout", type=positive_seconds, default=60.0, help="seconds to wait for a device reply")
@@ -119,12 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="time our engine, transformers and each scheme side by side in one run"
     )
-    bench.add_argument("--model", help="model path (default: bundled SmolLM2)")
+    _add_runtime_options(bench)
     bench.add_argument("--scheme", action="append", help="scheme to time (repeatable; default: plain, enclave, plain-int8, secureinfer)")
-    bench.add_argument("--threads", type=positive_int, help="torch CPU threads per process")
-    bench.add_argument("--channel", default="process", help="process (default) or inprocess")
-    bench.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.add_argument("--max-new-tokens", type=positive_int, default=64)
     bench.add_argument("--repeats", type=positive_int, default=5)
     bench.add_argument("--json", action="store_true", help="print the full report as JSON")
