@@ -16,3 +16,7 @@ class ModelLoadError(SecureInferError):
 
 class InvalidRequestError(SecureInferError):
     """A prompt, message list or generation option the model cannot serve."""
+
+
+class IntegrityError(SecureInferError):
+    """A device result failed its integrity check (or sealed data failed authentication): nothing was emitted."""
