@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from .channel import open_channel
 from .enclave import EnclaveRuntime
 from .engine import GenerationConfig, GenerationResult, Generator, TextStream
+from .engine.perturbation import LogitPerturbation
 from .errors import InvalidRequestError
 from .model import Checkpoint, load_checkpoint
 from .model.llama import LlamaWeights
@@ -21,6 +23,7 @@ from .plan.costs import PlanCosts, plan_costs
 Messages = Sequence[dict[str, str]]
 CHANNELS = ("process", "inprocess")
 DEVICES = ("cpu", "cuda")
+DEMO_ADAPTER = Path(__file__).parent / "data" / "adapters" / "demo-facts"
 
 
 class SecureLM:
@@ -38,6 +41,9 @@ class SecureLM:
         device_timeout_s: float = 60.0,
         threads: int | None = None,
         harden: bool = True,
+        adapter: str | os.PathLike | None = None,
+        perturbation: float | None = None,
+        verify_repetitions: int | None = None,
     ):
         _check_choice("channel", channel, CHANNELS)
         _check_choice("device", device, DEVICES)
@@ -46,6 +52,18 @@ class SecureLM:
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.plan = build_plan(scheme, checkpoint.config)
+        # The preset's defaults (e.g. hardened's integrity checks) unless the caller says otherwise.
+        defaults = PRESETS[scheme].runtime
+        perturbation = defaults.get("perturbation", 0.0) if perturbation is None else perturbation
+        verify_repetitions = defaults.get("verify_repetitions", 0) if verify_repetitions is None else verify_repetitions
+        self.adapter = None
+        if adapter is not None:
+            from .model.adapter import load_adapter
+
+            self.adapter = load_adapter(DEMO_ADAPTER if str(adapter) == "demo" else adapter, checkpoint.config)
+            self.plan = self.plan.with_adapters(
+                {name.removesuffix(".lora_a"): a.shape[0] for name, a in self.adapter.tensors.items() if name.endswith(".lora_a")}
+            )
         threads = threads or self._split_threads(channel)
         self.threads = threads  # the enclave's (and device's) torch threads; None: torch's default
         open_device = functools.partial(
@@ -53,9 +71,19 @@ class SecureLM:
         )
         weights = LlamaWeights.from_state_dict(checkpoint.config, checkpoint.weights)
         self.runtime = EnclaveRuntime(
-            checkpoint.config, weights, self.plan, open_device, epc_bytes=epc_bytes, harden=harden
+            checkpoint.config,
+            weights,
+            self.plan,
+            open_device,
+            adapter=self.adapter.tensors if self.adapter else None,
+            epc_bytes=epc_bytes,
+            harden=harden,
+            verify_repetitions=verify_repetitions,
         )
-        self.generator = Generator(self.runtime, self.tokenizer, checkpoint.config.max_position_embeddings)
+        self.perturbation = LogitPerturbation(perturbation)
+        self.generator = Generator(
+            self.runtime, self.tokenizer, checkpoint.config.max_position_embeddings, self.perturbation
+        )
 
     def _split_threads(self, channel: str) -> int | None:
         """Plans that cross the boundary many times a token keep both processes busy in turn: give each
@@ -88,7 +116,14 @@ class SecureLM:
 
     def stats(self) -> dict:
         """Measured counters since the last reset: round trips, bytes, time breakdown, enclave memory, hardening."""
-        return self.runtime.stats()
+        adapter = self.adapter and {
+            "name": self.adapter.name,
+            "sha256": self.adapter.fingerprint,
+            "rank": self.adapter.rank,
+            "bytes": self.adapter.nbytes,
+            "held_by": self.plan.adapter_sides(),
+        }
+        return self.runtime.stats() | {"adapter": adapter, "perturbation": self.perturbation.scale}
 
     def restart_device(self) -> None:
         """Start a fresh device (after it died or hung) and re-upload its public weights; then retry the request."""
@@ -115,7 +150,10 @@ def load(
     """Load `model` (a .gguf, .safetensors or transformers directory; default: the bundled SmolLM2) under `scheme`.
 
     Runtime options: channel ("process" default, or "inprocess"), device ("cpu" or "cuda"),
-    record_view (a directory for the device view), epc_bytes, device_timeout_s, harden.
+    record_view (a directory for the device view), epc_bytes, device_timeout_s, harden,
+    adapter (a PEFT LoRA directory, or "demo" for the bundled one), perturbation (logit noise std,
+    0 off), and verify_repetitions (Freivalds checks per blinded product, 0 off). The last
+    two default to the scheme's settings (`hardened` turns them on).
     """
     _check_choice("scheme", scheme, tuple(PRESETS))
     if threads is not None:

@@ -16,11 +16,12 @@ import torch
 from torch import Tensor
 
 from ..channel import Channel, DeviceError
+from ..errors import InvalidRequestError
 from ..model.config import ModelConfig
 from ..crypto.field import P, to_signed
 from ..crypto.pads import PadPool
 from ..crypto.quant import QuantizedWeight, dequantize_product, quantize_activation, quantize_weight
-from ..model.kernels import StepContext, flat_weights, run_ops, store_projection
+from ..model.kernels import StepContext, flat_weights, run_ops, store_projection, with_adapter
 from ..model.llama import KVCache, LlamaWeights, rope_tables
 from ..plan import DEVICE, ENCLAVE, Plan
 from ..plan.ops import OPS, weight_names
@@ -54,15 +55,17 @@ class EnclaveRuntime:
         plan: Plan,
         open_device: Callable[[], Channel],
         *,
+        adapter: dict[str, Tensor] | None = None,
         epc_bytes: int | None = None,
         harden: bool = True,
+        verify_repetitions: int = 0,
     ):
         self.config = config
         self.plan = plan
         self.memory = EnclaveMemory(epc_bytes)
         self.process_hardening = make_undumpable() if harden else {"dumpable": True, "reason": "hardening off"}
         self.secret = SecretMemory(enabled=harden)
-        stored = StoredWeights(flat_weights(weights))
+        stored = StoredWeights(flat_weights(weights) | (adapter or {}))
         enclave_names = plan.stored_weights(ENCLAVE)
         enclave_aliases = self._tied_aliases(enclave_names)
         self.weights = {
@@ -74,12 +77,23 @@ class EnclaveRuntime:
         self._device_weights = {name: stored[name] for name in plan.stored_weights(DEVICE)}
         blinded = [weight_names(p.op, p.layer)[0] for p in plan.placements if p.transform == "blinded"]
         self.pads = PadPool({name: self.weights[f"{name}.q"] for name in blinded})
+        self.checks = self._integrity_checks(blinded, verify_repetitions)
+        self.integrity = {"repetitions": verify_repetitions, "checked": 0, "macs": 0, "seconds": 0.0}
         self.rope = rope_tables(config, config.max_position_embeddings)
         self._open_device = open_device
         self.channel: Channel | None = None
         self.step = 0
         self.enclave_compute_s = 0.0
         self.start_device()
+
+    def _integrity_checks(self, blinded: list[str], repetitions: int) -> dict:
+        if isinstance(repetitions, bool) or not isinstance(repetitions, int) or repetitions < 0:
+            raise InvalidRequestError(f"verify_repetitions={repetitions!r} is invalid", "use an integer >= 0 (0: no checks)")
+        if not repetitions:
+            return {}
+        from ..crypto.freivalds import FreivaldsCheck
+
+        return {name: FreivaldsCheck(self.weights[f"{name}.q"], repetitions) for name in blinded}
 
     def _tied_aliases(self, names: list[str]) -> dict[str, str]:
         """With tied embeddings on one side, the LM head is the embedding tensor: held and sent once."""
@@ -180,9 +194,14 @@ class EnclaveRuntime:
         self.enclave_compute_s += time.perf_counter() - began - (self.pads.stats.offline_s - offline_before)
         _, returned = self.channel.request("run", self._run_meta(ctx, segment.ops, ["y"], blinded=True), {"v": padded})
         began = time.perf_counter()
+        if name in self.checks:  # before anything depends on y: a tampered product never reaches a token
+            self.checks[name].check(padded, returned["y"], f"{name} (step {self.step})")
+            self.integrity["checked"] += 1
+            self.integrity["macs"] += self.checks[name].macs(rows.shape[0])
+            self.integrity["seconds"] += time.perf_counter() - began
         product = to_signed((returned["y"] - u) % P).view(*x.shape[:-1], -1)
         weight = QuantizedWeight(self.weights[f"{name}.q"], self.weights[f"{name}.scale"])
-        store_projection(op, values, dequantize_product(product, row_scale, weight), ctx)
+        store_projection(op, values, with_adapter(dequantize_product(product, row_scale, weight), x, self.weights, name), ctx)
         self.enclave_compute_s += time.perf_counter() - began
 
     def stats(self) -> dict:
@@ -200,11 +219,13 @@ class EnclaveRuntime:
             "memory": self.memory.report(),
             "pads": vars(self.pads.stats) | {"held_bytes": self.pads.held_bytes()},
             "hardening": {**self.process_hardening, **self.secret.report()},
+            "integrity": dict(self.integrity),
         }
 
     def reset_stats(self) -> None:
         self.enclave_compute_s = 0.0
         self.pads.stats = type(self.pads.stats)()
+        self.integrity.update(checked=0, macs=0, seconds=0.0)
         if self.channel:
             self.channel.counters.reset()
 

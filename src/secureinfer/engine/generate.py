@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..errors import InvalidRequestError
 from ..model.tokenizer import ChatTokenizer
+from .perturbation import LogitPerturbation
 from .sampling import GenerationConfig, Sampler
 
 
@@ -30,6 +31,9 @@ class GenerationResult:
     finish_reason: str  # "eos", "stop" (a stop string), "length" (max_new_tokens or the context end)
     ttft_s: float
     decode_tok_s: float
+    # With `logprobs=n`: per generated token {"token", "logprob", "top": [[id, logprob], ...]}, from the
+    # distribution callers are shown (perturbed, when the scheme perturbs logits).
+    logprobs: list[dict] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,10 +62,36 @@ class TextStream:
 class Generator:
     """Runs requests against one model and tokenizer."""
 
-    def __init__(self, model: CausalModel, tokenizer: ChatTokenizer, context_length: int):
+    def __init__(
+        self,
+        model: CausalModel,
+        tokenizer: ChatTokenizer,
+        context_length: int,
+        perturbation: LogitPerturbation | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = context_length
+        self.perturbation = perturbation
+
+    def _choose(self, logits: Tensor, histories: list[list[int]], sampler: Sampler, config: GenerationConfig):
+        """Sample from the distribution callers are shown; returns the tokens and, if asked, their logprobs."""
+        if self.perturbation is not None:
+            logits = self.perturbation(logits, histories)
+        chosen = sampler(logits)
+        if not config.logprobs:
+            return chosen, [None] * len(chosen)
+        logprobs = torch.log_softmax(logits.double(), dim=-1)
+        top = torch.topk(logprobs, config.logprobs, dim=-1)
+        reports = [
+            {
+                "token": int(token),
+                "logprob": float(row[token]),
+                "top": [[int(i), float(v)] for i, v in zip(ids, values)],
+            }
+            for token, row, ids, values in zip(chosen.tolist(), logprobs, top.indices, top.values)
+        ]
+        return chosen, reports
 
     def prompt_ids(self, prompt: str | Sequence[dict[str, str]]) -> list[int]:
         if isinstance(prompt, str):
@@ -103,12 +133,14 @@ class Generator:
         start = time.perf_counter()
         logits = self.model.forward(tokens, cache, 0, pad=pad)
         rows = [_BatchRow() for _ in ids]
+        histories = [list(row) for row in ids]
         first_token_at = None
         for step in range(budget):
-            chosen = sampler(logits[:, -1])
+            chosen, reports = self._choose(logits[:, -1], histories, sampler, config)
             first_token_at = first_token_at or time.perf_counter()
-            for row, token in zip(rows, chosen.tolist()):
-                row.accept(token, self.tokenizer, config)
+            for row, history, token, report in zip(rows, histories, chosen.tolist(), reports):
+                history.append(token)
+                row.accept(token, report, self.tokenizer, config)
             if all(row.finish for row in rows) or step == budget - 1:
                 break
             logits = self.model.forward(chosen[:, None], cache, longest + step, pad=pad)
@@ -121,12 +153,15 @@ class Generator:
                 finish_reason=row.finish or "length",
                 ttft_s=(first_token_at or start) - start,
                 decode_tok_s=len(row.tokens) / elapsed if elapsed > 0 else 0.0,
+                logprobs=row.logprobs if config.logprobs else None,
             )
             for row, prompt in zip(rows, ids)
         ]
 
-    def _tokens(self, prompt: list[int], config: GenerationConfig, clock: list[float]) -> Iterator[int]:
-        """Yields generated ids; `clock` receives the time each one was ready.
+    def _tokens(
+        self, prompt: list[int], config: GenerationConfig, clock: list[float], reports: list[dict | None]
+    ) -> Iterator[int]:
+        """Yields generated ids; `clock` receives the time each one was ready, `reports` its logprobs.
 
         Lazy on purpose: the next forward runs only when the consumer asks for another token, so a
         consumer that stops (EOS, stop string) costs no wasted step.
@@ -136,8 +171,12 @@ class Generator:
         sampler = Sampler(config)
         logits = self.model.forward(torch.tensor([prompt]), cache, 0)
         position = len(prompt)
+        history = list(prompt)
         for step in range(budget):
-            token = int(sampler(logits[:, -1])[0])
+            chosen, (report,) = self._choose(logits[:, -1], [history], sampler, config)
+            token = int(chosen[0])
+            history.append(token)
+            reports.append(report)
             clock.append(time.perf_counter())
             yield token
             if step == budget - 1:
@@ -148,11 +187,12 @@ class Generator:
     def _run(self, prompt: list[int], config: GenerationConfig, stream: TextStream) -> Iterator[str]:
         start = time.perf_counter()
         clock: list[float] = []
+        reports: list[dict | None] = []
         generated: list[int] = []
         emitted, finish = 0, "length"
         holdback = max((len(s) for s in config.stop), default=1) - 1
         text = ""
-        for token in self._tokens(prompt, config, clock):
+        for token in self._tokens(prompt, config, clock, reports):
             if token in self.tokenizer.eos_token_ids and not config.ignore_eos:
                 finish = "eos"
                 break
@@ -179,22 +219,25 @@ class Generator:
             finish_reason=finish,
             ttft_s=(clock[0] - start) if clock else 0.0,
             decode_tok_s=(len(clock) - 1) / decode_s if decode_s > 0 else 0.0,
+            logprobs=reports[: len(generated)] if config.logprobs else None,
         )
 
 
 class _BatchRow:
     def __init__(self):
         self.tokens: list[int] = []
+        self.logprobs: list[dict | None] = []
         self.text = ""
         self.finish: str | None = None
 
-    def accept(self, token: int, tokenizer: ChatTokenizer, config: GenerationConfig) -> None:
+    def accept(self, token: int, report: dict | None, tokenizer: ChatTokenizer, config: GenerationConfig) -> None:
         if self.finish:
             return
         if token in tokenizer.eos_token_ids and not config.ignore_eos:
             self.finish = "eos"
             return
         self.tokens.append(token)
+        self.logprobs.append(report)
         self.text = tokenizer.decode(self.tokens)
         cut = _first_stop(self.text, config.stop, search_from=0)
         if cut is not None:

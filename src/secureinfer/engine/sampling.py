@@ -12,6 +12,9 @@ from torch import Tensor
 from ..errors import InvalidRequestError
 
 
+MAX_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 128
@@ -21,6 +24,7 @@ class GenerationConfig:
     seed: int | None = None  # None draws a fresh seed per request
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # generate exactly max_new_tokens, as benchmarks need
+    logprobs: int = 0  # report the chosen token's logprob and the top-n alternatives (0: none)
 
     def __post_init__(self):
         def bad(option: str, value, rule: str):
@@ -34,6 +38,8 @@ class GenerationConfig:
             bad("top_k", self.top_k, "an integer >= 0 (0 disables it)")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", self.top_p, "a number in (0, 1]")
+        if isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS:
+            bad("logprobs", self.logprobs, f"an integer from 0 to {MAX_LOGPROBS}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             bad("seed", self.seed, "a non-negative integer")
         if not isinstance(self.stop, (str, list, tuple)):

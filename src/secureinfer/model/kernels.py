@@ -70,8 +70,23 @@ def _flat(t: Tensor, ctx: StepContext) -> Tensor:
 def project(x: Tensor, weights: Weights, name: str) -> Tensor:
     """x @ W.T in float32, or through the int8 pipeline when the side holds the weight quantized."""
     if f"{name}.q" in weights:
-        return int8_linear(x, QuantizedWeight(weights[f"{name}.q"], weights[f"{name}.scale"]))
-    return F.linear(x, weights[name])
+        product = int8_linear(x, QuantizedWeight(weights[f"{name}.q"], weights[f"{name}.scale"]))
+    else:
+        product = F.linear(x, weights[name])
+    return with_adapter(product, x, weights, name)
+
+
+def lora_delta(x: Tensor, lora_a: Tensor, lora_b: Tensor) -> Tensor:
+    """(x A^T) B^T, accumulated in float64: the enclave and the device run different thread counts,
+    and float32 sums split differently would differ in the last bit."""
+    return ((x.double() @ lora_a.double().T) @ lora_b.double().T).float()
+
+
+def with_adapter(product: Tensor, x: Tensor, weights: Weights, name: str) -> Tensor:
+    """Add the LoRA delta of `name` when this side holds its adapter; the one place both sides add it."""
+    if f"{name}.lora_a" not in weights:
+        return product
+    return product + lora_delta(x, weights[f"{name}.lora_a"], weights[f"{name}.lora_b"])
 
 
 def store_projection(op: str, values: Values, product: Tensor, ctx: StepContext) -> None:

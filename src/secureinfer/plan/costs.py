@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..model.config import ModelConfig
-from .ops import op_flops, value_itemsize, value_width
+from .ops import PROJECTIONS, op_flops, value_itemsize, value_width, weight_names
 from .plan import DEVICE, ENCLAVE, LAST_POSITION_OPS, Plan, Segment
 
 FLOAT_BYTES = 4
@@ -55,9 +55,14 @@ def weight_shape(name: str, config: ModelConfig) -> tuple[int, int]:
     }[name.rsplit(".", 1)[-1]]
 
 
-def stored_bytes(stored: str, config: ModelConfig) -> int:
-    """Bytes of a stored weight tensor: `name` float32, `name.q` int8, `name.scale` float32 per output."""
+def stored_bytes(stored: str, plan: Plan) -> int:
+    """Bytes of a stored weight tensor: `name` float32, `name.q` int8, `name.scale` float32 per output,
+    a LoRA adapter's `name.lora_a` [rank, in] and `name.lora_b` [out, rank] float32."""
+    config = plan.config
     base, _, suffix = stored.rpartition(".")
+    if suffix in ("lora_a", "lora_b"):
+        rows, cols = weight_shape(base, config)
+        return plan.adapters[base] * (cols if suffix == "lora_a" else rows) * FLOAT_BYTES
     if suffix == "q":
         rows, cols = weight_shape(base, config)
         return rows * cols
@@ -71,7 +76,7 @@ def resident_weight_bytes(plan: Plan, side: str) -> int:
     names = plan.stored_weights(side)
     if plan.config.tie_word_embeddings and "embed" in names and "lm_head" in names:
         names.remove("lm_head")  # one tensor serves both
-    return sum(stored_bytes(n, plan.config) for n in names)
+    return sum(stored_bytes(n, plan) for n in names)
 
 
 def kv_bytes(config: ModelConfig, layers: int, positions: int) -> int:
@@ -84,12 +89,24 @@ def transfer_bytes(values: list[str], segment: Segment, config: ModelConfig, tok
     return sum(value_width(v, config) * itemsize(v) * (1 if v in segment.last_position else tokens) for v in values)
 
 
+def adapter_flops(plan: Plan, p) -> int:
+    """A LoRA adapter's two thin products and the add, per position."""
+    total = 0
+    for name in weight_names(p.op, p.layer) if p.op in PROJECTIONS else ():
+        if name in plan.adapters:
+            rows, cols = weight_shape(name, plan.config)
+            total += 2 * plan.adapters[name] * (rows + cols) + rows
+    return total
+
+
 def plan_costs(plan: Plan, context: int, tokens: int = 1) -> PlanCosts:
     config = plan.config
     flops = {ENCLAVE: 0, DEVICE: 0}
     for p in plan.placements:
         per_token = op_flops(p.op, config, context)
-        flops[p.side] += per_token * (1 if p.op in LAST_POSITION_OPS else tokens)
+        positions = 1 if p.op in LAST_POSITION_OPS else tokens
+        flops[p.side] += per_token * positions
+        flops[plan.adapter_side(p)] += adapter_flops(plan, p) * positions
     device_segments = plan.device_segments
     return PlanCosts(
         scheme=plan.name,

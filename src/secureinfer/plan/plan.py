@@ -8,8 +8,10 @@ after it) follows from tracking where the latest version of every value lives.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Mapping
 
 from ..errors import InvalidRequestError
 from ..model.config import ModelConfig
@@ -54,6 +56,9 @@ class Plan:
     name: str
     config: ModelConfig
     placements: tuple[Placement, ...]
+    # LoRA adapters: weight name -> total rank. The adapter sits with whichever side finishes the
+    # projection: the enclave for blinded ones (it unpads there), else the side that runs it.
+    adapters: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         if [(p.op, p.layer) for p in self.placements] != op_sequence(self.config):
@@ -76,15 +81,32 @@ class Plan:
         for segment in self.segments:
             if segment.transform == "blinded" and len(segment.ops) != 1:
                 raise ValueError(f"blinded {segment.ops[0][0]} shares a device segment: the enclave must unpad between ops")
+        projected = {name for p in self.placements if p.op in PROJECTIONS for name in weight_names(p.op, p.layer)}
+        if unknown := set(self.adapters) - projected:
+            raise ValueError(f"adapters name weights that are not projections: {sorted(unknown)}")
+
+    def with_adapters(self, ranks: Mapping[str, int]) -> "Plan":
+        return dataclasses.replace(self, adapters=dict(ranks))
+
+    def adapter_side(self, p: Placement) -> str:
+        return ENCLAVE if p.transform == "blinded" else p.side
+
+    def adapter_sides(self) -> list[str]:
+        """The sides that hold some of the adapter's tensors (a protected adapter: the enclave only)."""
+        return [side for side in SIDES if any(n.endswith(".lora_a") for n in self.stored_weights(side))]
 
     def stored_weights(self, side: str) -> list[str]:
-        """The weight tensors `side` holds: `name` (float32), `name.q` (int8, transposed) and `name.scale`.
+        """The weight tensors `side` holds: `name` (float32), `name.q` (int8, transposed), `name.scale`,
+        and a LoRA adapter's `name.lora_a` and `name.lora_b`.
 
         A blinded projection's int8 weight sits on the device; the enclave keeps it too (to compute
         its pads, u = r W) with the scales (to rescale), so both appear on the enclave's list.
         """
         stored = []
         for p in self.placements:
+            if self.adapter_side(p) == side:
+                adapted = [name for name in weight_names(p.op, p.layer) if name in self.adapters]
+                stored += [f"{name}.{part}" for name in adapted for part in ("lora_a", "lora_b")]
             if p.transform == "blinded":  # always on the device (validated), and mirrored in the enclave
                 suffixes = (".q",) if side == DEVICE else (".q", ".scale")
             elif p.side != side:

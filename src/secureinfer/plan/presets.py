@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from ..errors import InvalidRequestError
 from ..model.config import ModelConfig
@@ -16,14 +16,15 @@ class Preset:
     name: str
     summary: str
     build: Callable[[ModelConfig], Plan]
+    runtime: dict[str, Any] = field(default_factory=dict)  # defaults for runtime options, e.g. integrity checks
 
 
 PRESETS: dict[str, Preset] = {}
 
 
-def register(name: str, summary: str):
+def register(name: str, summary: str, **runtime):
     def decorate(build: Callable[[ModelConfig], Plan]):
-        PRESETS[name] = Preset(name, summary, build)
+        PRESETS[name] = Preset(name, summary, build, runtime)
         return build
 
     return decorate
@@ -61,6 +62,32 @@ def plain_int8(config: ModelConfig) -> Plan:
     "mod P; embedding, norms, RoPE, attention and KV cache, SwiGLU, residuals and sampling in the enclave",
 )
 def secureinfer(config: ModelConfig) -> Plan:
-    return uniform_plan(
-        "secureinfer", config, lambda op: (DEVICE, "blinded") if op in PROJECTIONS else (ENCLAVE, "clear")
-    )
+    return _blinded_projections("secureinfer", config)
+
+
+def _blinded_projections(name: str, config: ModelConfig) -> Plan:
+    return uniform_plan(name, config, lambda op: (DEVICE, "blinded") if op in PROJECTIONS else (ENCLAVE, "clear"))
+
+
+@register(
+    "secureinfer-enclave-qkv-ffn",
+    "SecureInfer, the alternative reading: q/k/v and FFN projections in the enclave too (int8); only the "
+    "output projection and LM head go to the device, blinded",
+)
+def secureinfer_enclave_qkv_ffn(config: ModelConfig) -> Plan:
+    def place(op: str) -> tuple[str, str]:
+        if op in ("o_proj", "lm_head"):
+            return DEVICE, "blinded"
+        return ENCLAVE, "int8" if op in PROJECTIONS else "clear"
+
+    return uniform_plan("secureinfer-enclave-qkv-ffn", config, place)
+
+
+@register(
+    "hardened",
+    "ours: secureinfer plus a Freivalds check on every blinded product, and logit perturbation on by default",
+    verify_repetitions=2,
+    perturbation=1.0,
+)
+def hardened(config: ModelConfig) -> Plan:
+    return _blinded_projections("hardened", config)
