@@ -4,6 +4,7 @@ equal to the unblinded `plain-int8` pipeline bit for bit, with a device view tha
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -140,3 +141,21 @@ def test_blinded_values_do_not_predict_the_plaintext(checkpoint):
     residual = plaintext[:, None] - design @ fit
     r_squared = 1 - residual.var() / plaintext.var()
     assert plaintext.var() > 0 and r_squared < 0.01
+
+
+def test_the_background_refill_keeps_pads_ready_and_still_hands_each_out_once():
+    weight = torch.randint(-127, 128, (48, 16), dtype=torch.int8)
+    pool = PadPool({"w": weight, "x": weight[:, :8].contiguous()}, batch_rows=8, background=True)
+    try:
+        deadline = time.monotonic() + 30
+        while min(pool.available("w"), pool.available("x")) < pool.low_water and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert min(pool.available("w"), pool.available("x")) >= pool.low_water  # filled without any take
+        taken = [pool.take("w", 1) for _ in range(40)]  # many batches' worth, racing the refill thread
+        rows = torch.cat([r for r, _ in taken])
+        assert len({tuple(row.tolist()) for row in rows}) == 40
+        assert all(torch.equal(u, field_matmul(r, weight)) for r, u in taken)
+        assert pool.stats.used_rows == 40 and pool.stats.generated_rows >= 40 + pool.available("w")
+    finally:
+        pool.close()
+    assert not pool._thread.is_alive()

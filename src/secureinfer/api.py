@@ -44,6 +44,8 @@ class SecureLM:
         adapter: str | os.PathLike | None = None,
         perturbation: float | None = None,
         verify_repetitions: int | None = None,
+        pad_batch_rows: int = 32,
+        pad_background: bool = True,
     ):
         _check_choice("channel", channel, CHANNELS)
         _check_choice("device", device, DEVICES)
@@ -79,6 +81,8 @@ class SecureLM:
             epc_bytes=epc_bytes,
             harden=harden,
             verify_repetitions=verify_repetitions,
+            pad_batch_rows=pad_batch_rows,
+            pad_background=pad_background,
         )
         self.perturbation = LogitPerturbation(perturbation)
         self.generator = Generator(
@@ -152,8 +156,9 @@ def load(
     Runtime options: channel ("process" default, or "inprocess"), device ("cpu" or "cuda"),
     record_view (a directory for the device view), epc_bytes, device_timeout_s, harden,
     adapter (a PEFT LoRA directory, or "demo" for the bundled one), perturbation (logit noise std,
-    0 off), and verify_repetitions (Freivalds checks per blinded product, 0 off). The last
-    two default to the scheme's settings (`hardened` turns them on).
+    0 off), and verify_repetitions (Freivalds checks per blinded product, 0 off); these two default
+    to the scheme's settings (`hardened` turns them on). pad_batch_rows (pads per GEMM batch) and
+    pad_background (refill the pad pool in a background thread, default on).
     """
     _check_choice("scheme", scheme, tuple(PRESETS))
     if threads is not None:

@@ -8,8 +8,9 @@ no pad can be used twice (reuse lets the device solve for secrets; arXiv 2602.11
 from __future__ import annotations
 
 import os
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,39 +41,70 @@ class _Batch:
     u: Tensor  # int64 [rows, out]
     next_row: int = 0
 
+    @property
+    def left(self) -> int:
+        return self.r.shape[0] - self.next_row
+
 
 @dataclass
 class PadStats:
     generated_rows: int = 0
     used_rows: int = 0
-    offline_s: float = 0.0
+    offline_s: float = 0.0  # all pad generation, background or not
     offline_macs: int = 0  # multiply-adds of the pad GEMMs, i.e. rows * in * out per batch
     batches: int = 0
+    stalls: int = 0  # takes that found too few pads and generated them on the spot
+    stall_s: float = 0.0  # the part of offline_s spent on the request's critical path
 
 
-@dataclass
 class PadPool:
-    weights_t: dict[str, Tensor]  # int8 [in, out] per weight name
-    batch_rows: int = 32  # future token rows precomputed per GEMM
-    stats: PadStats = field(default_factory=PadStats)
-    _pools: dict[str, list[_Batch]] = field(default_factory=dict)
+    """Per-weight pools of (r, u) pads, refilled in GEMM batches; optionally by a background thread.
+
+    With `background`, a daemon thread keeps at least `batch_rows // 2` rows ready per weight, so
+    decode never waits for a pad GEMM: the thread works while the enclave waits for the device.
+    A take that still finds too few rows (a long prefill) generates them on the spot: a stall.
+    """
+
+    def __init__(self, weights_t: dict[str, Tensor], batch_rows: int = 32, background: bool = False):
+        if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
+            raise ValueError(f"batch_rows must be an integer >= 1, not {batch_rows!r}")
+        self.weights_t = weights_t  # int8 [in, out] per weight name
+        self.batch_rows = batch_rows
+        self.low_water = max(1, batch_rows // 2)
+        self.stats = PadStats()
+        self._pools: dict[str, list[_Batch]] = {name: [] for name in weights_t}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if background and weights_t:
+            self._thread = threading.Thread(target=self._refill_loop, name="pad-refill", daemon=True)
+            self._thread.start()
 
     def take(self, name: str, rows: int) -> tuple[Tensor, Tensor]:
         """`rows` fresh pads for weight `name`: (r [rows, in], u [rows, out]). Each row is handed out once."""
         rs, us, needed = [], [], rows
-        pool = self._pools.setdefault(name, [])
         while needed:
-            if not pool:
-                self.refill(name, max(needed, self.batch_rows))
-            batch = pool[0]
-            end = min(batch.next_row + needed, batch.r.shape[0])
-            rs.append(batch.r[batch.next_row : end])
-            us.append(batch.u[batch.next_row : end])
-            needed -= end - batch.next_row
-            batch.next_row = end
-            if end == batch.r.shape[0]:
-                pool.pop(0)  # spent: drop it so nothing can hand its rows out again
-        self.stats.used_rows += rows
+            with self._lock:
+                pool = self._pools[name]
+                if pool:
+                    batch = pool[0]
+                    end = min(batch.next_row + needed, batch.r.shape[0])
+                    rs.append(batch.r[batch.next_row : end])
+                    us.append(batch.u[batch.next_row : end])
+                    needed -= end - batch.next_row
+                    batch.next_row = end
+                    if not batch.left:
+                        pool.pop(0)  # spent: drop it so nothing can hand its rows out again
+                    continue
+            began = time.perf_counter()
+            self.refill(name, max(needed, self.batch_rows))
+            with self._lock:
+                self.stats.stalls += 1
+                self.stats.stall_s += time.perf_counter() - began
+        with self._lock:
+            self.stats.used_rows += rows
+        self._wake.set()
         return torch.cat(rs), torch.cat(us)
 
     def refill(self, name: str, rows: int) -> None:
@@ -81,16 +113,40 @@ class PadPool:
         weight_t = self.weights_t[name]
         r = uniform_field(rows, weight_t.shape[0])
         u = field_matmul(r, weight_t)
-        self._pools.setdefault(name, []).append(_Batch(r, u))
-        self.stats.generated_rows += rows
-        self.stats.batches += 1
-        self.stats.offline_macs += rows * weight_t.shape[0] * weight_t.shape[1]
-        self.stats.offline_s += time.perf_counter() - began
+        with self._lock:
+            self._pools[name].append(_Batch(r, u))
+            self.stats.generated_rows += rows
+            self.stats.batches += 1
+            self.stats.offline_macs += rows * weight_t.shape[0] * weight_t.shape[1]
+            self.stats.offline_s += time.perf_counter() - began
 
     def prefill(self, rows: int) -> None:
         """Fill every weight's pool with `rows` pads ahead of use (the offline phase)."""
         for name in self.weights_t:
             self.refill(name, rows)
 
+    def available(self, name: str) -> int:
+        with self._lock:
+            return sum(batch.left for batch in self._pools[name])
+
     def held_bytes(self) -> int:
-        return sum((b.r.numel() + b.u.numel()) * 8 for pool in self._pools.values() for b in pool)
+        with self._lock:
+            return sum((b.r.numel() + b.u.numel()) * 8 for pool in self._pools.values() for b in pool)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _refill_loop(self) -> None:
+        while not self._closed:
+            self._wake.clear()  # before looking: a take after this point wakes the next wait
+            low = [name for name in self.weights_t if self.available(name) < self.low_water]
+            if not low:
+                self._wake.wait()
+                continue
+            for name in low:
+                if self._closed:
+                    return
+                self.refill(name, self.batch_rows)

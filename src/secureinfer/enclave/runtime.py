@@ -59,6 +59,8 @@ class EnclaveRuntime:
         epc_bytes: int | None = None,
         harden: bool = True,
         verify_repetitions: int = 0,
+        pad_batch_rows: int = 32,
+        pad_background: bool = True,
     ):
         self.config = config
         self.plan = plan
@@ -76,7 +78,9 @@ class EnclaveRuntime:
         self.weights.update({alias: self.weights[target] for alias, target in enclave_aliases.items()})
         self._device_weights = {name: stored[name] for name in plan.stored_weights(DEVICE)}
         blinded = [weight_names(p.op, p.layer)[0] for p in plan.placements if p.transform == "blinded"]
-        self.pads = PadPool({name: self.weights[f"{name}.q"] for name in blinded})
+        self.pads = PadPool(
+            {name: self.weights[f"{name}.q"] for name in blinded}, pad_batch_rows, background=pad_background
+        )
         self.checks = self._integrity_checks(blinded, verify_repetitions)
         self.integrity = {"repetitions": verify_repetitions, "checked": 0, "macs": 0, "seconds": 0.0}
         self.rope = rope_tables(config, config.max_position_embeddings)
@@ -126,6 +130,7 @@ class EnclaveRuntime:
         self.start_device()
 
     def close(self) -> None:
+        self.pads.close()
         if self.channel is not None:
             self.channel.close()
             self.channel = None
@@ -181,7 +186,7 @@ class EnclaveRuntime:
 
     def _blinded_projection(self, segment, values: dict[str, Tensor], ctx: StepContext) -> None:
         """Quantize, pad with fresh (r, u), let the device multiply, unpad and rescale: the device sees only x + r."""
-        began, offline_before = time.perf_counter(), self.pads.stats.offline_s
+        began, stalled_before = time.perf_counter(), self.pads.stats.stall_s
         ((op, layer),) = segment.ops
         (name,) = weight_names(op, layer)
         x = values[OPS[op].reads[0]]
@@ -190,8 +195,8 @@ class EnclaveRuntime:
         r, u = self.pads.take(name, rows.shape[0])
         self.memory.observe("pads", self.pads.held_bytes())  # the pool is enclave memory too
         padded = (rows % P + r) % P
-        # Pad refills done inside `take` are offline work, reported apart in the pad stats.
-        self.enclave_compute_s += time.perf_counter() - began - (self.pads.stats.offline_s - offline_before)
+        # Pads generated inside `take` are offline work, reported apart in the pad stats.
+        self.enclave_compute_s += time.perf_counter() - began - (self.pads.stats.stall_s - stalled_before)
         _, returned = self.channel.request("run", self._run_meta(ctx, segment.ops, ["y"], blinded=True), {"v": padded})
         began = time.perf_counter()
         if name in self.checks:  # before anything depends on y: a tampered product never reaches a token
