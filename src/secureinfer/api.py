@@ -46,6 +46,7 @@ class SecureLM:
         verify_repetitions: int | None = None,
         pad_batch_rows: int = 32,
         pad_background: bool = True,
+        seal_kv: bool | None = None,
     ):
         _check_choice("channel", channel, CHANNELS)
         _check_choice("device", device, DEVICES)
@@ -58,6 +59,7 @@ class SecureLM:
         defaults = PRESETS[scheme].runtime
         perturbation = defaults.get("perturbation", 0.0) if perturbation is None else perturbation
         verify_repetitions = defaults.get("verify_repetitions", 0) if verify_repetitions is None else verify_repetitions
+        seal_kv = defaults.get("seal_kv", False) if seal_kv is None else seal_kv
         self.adapter = None
         if adapter is not None:
             from .model.adapter import load_adapter
@@ -83,6 +85,7 @@ class SecureLM:
             verify_repetitions=verify_repetitions,
             pad_batch_rows=pad_batch_rows,
             pad_background=pad_background,
+            seal_kv=seal_kv,
         )
         self.perturbation = LogitPerturbation(perturbation)
         self.generator = Generator(

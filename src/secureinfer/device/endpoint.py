@@ -11,6 +11,8 @@ Messages (request kind: meta -> reply meta):
   new_cache    {"batch", "max_len", "layers": [int]}        -> {}
   run          {"step", "start", "batch", "length", "pad", "last_only", "ops", "returns"} + inputs
                -> {} + the returned values
+  put_sealed   {} + sealed blocks by key (uint8 ciphertext, nonce) -> {"sealed": count held}
+  get_sealed   {"keys": [str]}                             -> {} + the blocks held under those keys
   close        {}                                           -> {} (the view is written)
 Every ok reply carries "compute_s"; a failure replies kind "error" with "message" and "traceback".
 """
@@ -66,6 +68,7 @@ class DeviceEndpoint:
         self.cache_layers: list[int] = []
         self.positions_written = 0  # KV positions [0, n) hold something
         self.values: Tensors = {}  # the current step's values: later segments of a step may read them
+        self.sealed: Tensors = {}  # enclave KV blocks sealed with AES-GCM: opaque here, returned on request
         self.step: int | None = None
         self.closed = False
         self._handlers: dict[str, Callable[[Meta, Tensors], tuple[Meta, Tensors]]] = {
@@ -73,6 +76,8 @@ class DeviceEndpoint:
             "put_weights": self._put_weights,
             "new_cache": self._new_cache,
             "run": self._run,
+            "put_sealed": self._put_sealed,
+            "get_sealed": self._get_sealed,
             "close": lambda meta, tensors: ({}, {}),
         }
 
@@ -121,6 +126,7 @@ class DeviceEndpoint:
             kv_layers=list(self.cache_layers),
             values=dict(self.values),
             step=self.step,
+            sealed=dict(self.sealed),
         )
 
     def _require_hello(self) -> ModelConfig:
@@ -160,7 +166,14 @@ class DeviceEndpoint:
         return {}, {}
 
     def _drop_cache(self) -> None:
-        self.cache, self.cache_layers, self.positions_written = None, [], 0
+        self.cache, self.cache_layers, self.positions_written, self.sealed = None, [], 0, {}
+
+    def _put_sealed(self, meta: Meta, tensors: Tensors) -> tuple[Meta, Tensors]:
+        self.sealed.update(tensors)
+        return {"sealed": len(self.sealed)}, {}
+
+    def _get_sealed(self, meta: Meta, tensors: Tensors) -> tuple[Meta, Tensors]:
+        return {}, {key: self.sealed[key] for key in meta["keys"] if key in self.sealed}
 
     def _run(self, meta: Meta, inputs: Tensors) -> tuple[Meta, Tensors]:
         config = self._require_hello()

@@ -35,6 +35,7 @@ class HeldState:
     kv_layers: list[int]
     values: Tensors  # the last step's value store
     step: int | None
+    sealed: Tensors  # AES-GCM sealed enclave KV blocks (ciphertext and nonces) kept for the enclave
 
 
 class ViewRecorder:
@@ -87,6 +88,7 @@ class ViewRecorder:
         # product) may. Weights need none: each arrived in its own buffer, and aliases are left out.
         state = {key: _copy(tensor) for key, tensor in held.kv.items()}
         state.update({f"values.{name}": _copy(tensor) for name, tensor in held.values.items()})
+        state.update({f"sealed.{key}": _copy(tensor) for key, tensor in held.sealed.items()})
         save_file(self.tensors, self.directory / "messages.safetensors")
         weights = {name: weight.to("cpu").contiguous() for name, weight in held.weights.items()}
         save_file(weights, self.directory / "weights.safetensors")

@@ -27,7 +27,9 @@ from ..plan import DEVICE, ENCLAVE, Plan
 from ..plan.ops import OPS, weight_names
 from .hardening import SecretMemory, make_undumpable
 from .memory import EnclaveMemory
+from .sealed_kv import SealedKVCache
 
+KV_SEAL_BLOCK = 64  # positions per sealed KV block: one AES-GCM message per layer, kind and block
 UPLOAD_CHUNK_BYTES = 64 << 20  # keeps each weight message, and the device's receive buffer, bounded
 
 
@@ -61,6 +63,7 @@ class EnclaveRuntime:
         verify_repetitions: int = 0,
         pad_batch_rows: int = 32,
         pad_background: bool = True,
+        seal_kv: bool = False,
     ):
         self.config = config
         self.plan = plan
@@ -83,6 +86,8 @@ class EnclaveRuntime:
         )
         self.checks = self._integrity_checks(blinded, verify_repetitions)
         self.integrity = {"repetitions": verify_repetitions, "checked": 0, "macs": 0, "seconds": 0.0}
+        self.seal_kv = seal_kv
+        self.sealed_cache: SealedKVCache | None = None
         self.rope = rope_tables(config, config.max_position_embeddings)
         self._open_device = open_device
         self.channel: Channel | None = None
@@ -143,11 +148,34 @@ class EnclaveRuntime:
         if not self.plan.attention_layers_on(ENCLAVE):
             self.memory.release("kv_cache")
             return None
+        self.sealed_cache = None
+        resident = self._kv_resident_positions(batch_size, max_len)
+        if resident is not None:
+            self.sealed_cache = SealedKVCache(
+                self.config, batch_size, max_len, resident, KV_SEAL_BLOCK, self._put_sealed, self._get_sealed, self.secret
+            )
+            self.memory.observe("kv_cache", self.sealed_cache.resident_bytes)
+            return self.sealed_cache
         cache = KVCache.__new__(KVCache)  # the conversation's keys and values live in secret memory
         shape = (self.config.num_layers, batch_size, self.config.num_kv_heads, max_len, self.config.head_dim)
         cache.k, cache.v, cache.max_len = self.secret.zeros(shape), self.secret.zeros(shape), max_len
         self.memory.observe("kv_cache", 2 * cache.k.numel() * cache.k.element_size())
         return cache
+
+    def _kv_resident_positions(self, batch: int, max_len: int) -> int | None:
+        """With sealing on, the KV positions that fit what the EPC budget leaves; None when all of them fit."""
+        if not self.seal_kv or self.memory.budget_bytes is None:
+            return None
+        per_position = 2 * len(self.plan.attention_layers_on(ENCLAVE)) * batch * self.config.kv_size * 4
+        spare = self.memory.budget_bytes - (self.memory.current_bytes - self.memory.held_bytes("kv_cache"))
+        positions = spare // per_position // KV_SEAL_BLOCK * KV_SEAL_BLOCK
+        return None if positions >= max_len else max(KV_SEAL_BLOCK, positions)
+
+    def _put_sealed(self, blocks: dict[str, Tensor]) -> None:
+        self.channel.request("put_sealed", {}, blocks)
+
+    def _get_sealed(self, keys: list[str]) -> dict[str, Tensor]:
+        return self.channel.request("get_sealed", {"keys": keys}, {})[1]
 
     def forward(
         self, tokens: Tensor, cache: KVCache | None, start: int, pad: Tensor | None = None, last_only: bool = True
@@ -225,7 +253,13 @@ class EnclaveRuntime:
             "pads": vars(self.pads.stats) | {"held_bytes": self.pads.held_bytes()},
             "hardening": {**self.process_hardening, **self.secret.report()},
             "integrity": dict(self.integrity),
+            "sealed_kv": self._sealing_report(),
         }
+
+    def _sealing_report(self) -> dict:
+        cache = self.sealed_cache
+        report = {"enabled": self.seal_kv, "resident_positions": cache.capacity if cache else None}
+        return report | (vars(cache.sealer.seal_stats) if cache else {})
 
     def reset_stats(self) -> None:
         self.enclave_compute_s = 0.0

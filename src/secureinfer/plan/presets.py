@@ -85,8 +85,10 @@ def secureinfer_enclave_qkv_ffn(config: ModelConfig) -> Plan:
 
 @register(
     "hardened",
-    "ours: secureinfer plus a Freivalds check on every blinded product, and logit perturbation on by default",
+    "ours: secureinfer plus a Freivalds check on every blinded product, a KV cache sealed with AES-GCM on the "
+    "device past the enclave budget, and logit perturbation on by default",
     verify_repetitions=2,
+    seal_kv=True,
     perturbation=1.0,
 )
 def hardened(config: ModelConfig) -> Plan:

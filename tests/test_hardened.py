@@ -1,0 +1,146 @@
+"""The hardened preset: Freivalds checks catch a device that tampers with blinded products, the KV cache
+past the enclave budget is sealed on the device and opens exactly, and tampering with it is caught."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import secureinfer
+from secureinfer.crypto.field import P
+from secureinfer.errors import IntegrityError
+
+PROMPT = "the quick brown fox jumps over"
+
+
+def _tamper_replies(lm, alter):
+    """Route every reply of the runtime's channel through `alter(kind, meta, reply_meta, tensors)`: a malicious device."""
+    channel = lm.runtime.channel
+    honest = channel.request
+
+    def request(kind, meta=None, tensors=None):
+        reply_meta, reply = honest(kind, meta, tensors)
+        return reply_meta, alter(kind, meta or {}, reply)
+
+    channel.request = request
+
+
+def test_hardened_equals_plain_int8_with_a_thousand_checks_and_no_false_alarm(tiny_gguf):
+    # The tiny model's context ends at 128 positions: a one-word prompt leaves room for ~125 forwards.
+    with secureinfer.load(tiny_gguf, "plain-int8", progress=False) as reference:
+        expected = reference.generate("the", max_new_tokens=200, ignore_eos=True).tokens
+    with secureinfer.load(tiny_gguf, "hardened", progress=False) as lm:
+        lm.runtime.reset_stats()
+        got = lm.generate("the", max_new_tokens=200, ignore_eos=True)
+        stats = lm.stats()
+    assert got.tokens == expected
+    blinded_per_forward = len(lm.plan.device_segments)
+    assert stats["integrity"]["repetitions"] == 2
+    assert stats["integrity"]["checked"] == len(got.tokens) * blinded_per_forward >= 1000
+    assert stats["perturbation"] > 0  # on by default under hardened
+
+
+@pytest.mark.parametrize("mode", ["corrupt", "scale", "replay", "zero"])
+def test_a_tampering_device_raises_integrity_error_and_emits_no_token(tiny_gguf, mode):
+    rng = random.Random(mode)
+    with secureinfer.load(tiny_gguf, "hardened", progress=False, channel="inprocess") as lm:
+        honest = lm.generate(PROMPT, max_new_tokens=6, ignore_eos=True).tokens
+        previous: dict[str, torch.Tensor] = {}
+        state = {"products": 0, "target": 0}
+
+        def alter(kind, meta, reply):
+            if kind != "run" or not meta.get("blinded"):
+                return reply
+            state["products"] += 1
+            key = repr(meta["ops"])
+            y = reply["y"].clone()
+            if state["products"] == state["target"]:
+                if mode == "corrupt":
+                    flat = y.view(-1)
+                    i = rng.randrange(flat.numel())
+                    flat[i] = (flat[i] + rng.randrange(1, P)) % P
+                elif mode == "scale":
+                    y = (y * 2) % P
+                elif mode == "replay":
+                    y = previous[key] if key in previous and previous[key].shape == y.shape else (y + 1) % P
+                else:
+                    y = torch.zeros_like(y)
+            previous[key] = reply["y"]
+            return {**reply, "y": y}
+
+        _tamper_replies(lm, alter)
+        detected = 0
+        trials = 12
+        for trial in range(trials):
+            state.update(products=0, target=rng.randrange(1, 40))
+            stream = lm.stream(PROMPT, max_new_tokens=6, ignore_eos=True)
+            emitted = []
+            with pytest.raises(IntegrityError, match="wrong product|tamper|integrity|Freivalds"):
+                for chunk in stream:
+                    emitted.append(chunk)
+            detected += 1
+            # Whatever came out before the tampered step is the honest text's prefix, never a wrong token.
+            assert "".join(emitted) == lm.tokenizer.decode(honest)[: len("".join(emitted))]
+        assert detected == trials
+
+
+def _sealing_lm(tiny_gguf, **options):
+    # A budget a little over what the tiny model's weights and pads need: the KV cache must spill.
+    probe = secureinfer.load(tiny_gguf, "hardened", progress=False, channel="inprocess", pad_background=False)
+    probe.runtime.pads.prefill(32)
+    base = probe.runtime.memory.current_bytes
+    probe.close()
+    per_position = 2 * probe.config.num_layers * probe.config.kv_size * 4
+    return secureinfer.load(
+        tiny_gguf, "hardened", progress=False, epc_bytes=base + 70 * per_position, pad_background=False, **options
+    )
+
+
+def test_the_kv_cache_past_the_budget_is_sealed_on_the_device_and_opens_exactly(tiny_gguf, tmp_path):
+    with secureinfer.load(tiny_gguf, "plain-int8", progress=False) as reference:
+        expected = reference.generate(PROMPT, max_new_tokens=150, ignore_eos=True).tokens
+    with _sealing_lm(tiny_gguf, record_view=tmp_path / "view") as lm:
+        lm.runtime.pads.prefill(32)
+        got = lm.generate(PROMPT, max_new_tokens=150, ignore_eos=True).tokens
+        report = lm.stats()["sealed_kv"]
+        kinds = lm.stats()["channel"]["round_trips_by_kind"]
+    assert got == expected
+    assert report["resident_positions"] == 64 and report["blocks_sealed"] >= 2 * 2  # k and v, both layers
+    assert report["blocks_opened"] > report["blocks_sealed"]  # every later step reads them back
+    assert kinds["put_sealed"] >= 2 and kinds["get_sealed"] > 0
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "view" / "state.safetensors"))
+    sealed = {k: v for k, v in state.items() if k.startswith("sealed.")}
+    assert sealed and all(v.dtype == torch.uint8 for v in sealed.values())
+
+
+@pytest.mark.parametrize("attack", ["flip", "drop", "move"])
+def test_tampering_with_sealed_kv_is_caught(tiny_gguf, attack):
+    seen: dict[str, torch.Tensor] = {}
+    with _sealing_lm(tiny_gguf, channel="inprocess") as lm:
+
+        def alter(kind, meta, reply):
+            if kind != "get_sealed" or not reply:
+                return reply
+            reply = dict(reply)
+            keys = sorted(reply)
+            if attack == "flip":
+                ct = next(k for k in keys if k.endswith(".ct"))
+                reply[ct] = reply[ct].clone()
+                reply[ct][len(reply[ct]) // 2] ^= 1
+            elif attack == "drop":
+                del reply[keys[-1]]
+            else:  # answer for layer 1 with layer 0's block of the same kind and position (nonce too)
+                for key in keys:
+                    layer0 = key.replace("kv.1.", "kv.0.")
+                    if key.startswith("kv.1.") and layer0 in seen:
+                        reply[key] = seen[layer0]
+                seen.update(reply)
+            return reply
+
+        _tamper_replies(lm, alter)
+        with pytest.raises(IntegrityError):
+            lm.generate(PROMPT, max_new_tokens=150, ignore_eos=True)
