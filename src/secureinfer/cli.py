@@ -9,7 +9,7 @@ import traceback
 from typing import Callable, Sequence
 
 from .channel.base import DeviceError
-from .errors import SecureInferError
+from .errors import IntegrityError, SecureInferError
 
 EXIT_USAGE = 2
 
@@ -39,6 +39,7 @@ positive_int = _bounded(int, "an integer >= 1", lambda v: v >= 1)
 non_negative_int = _bounded(int, "an integer >= 0", lambda v: v >= 0)
 temperature = _bounded(float, "a number >= 0 (0 is greedy)", lambda v: 0 <= v < float("inf"))
 probability = _bounded(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+non_negative_float = _bounded(float, "a number >= 0", lambda v: 0 <= v < float("inf"))
 positive_seconds = _bounded(float, "a number of seconds > 0", lambda v: 0 < v < float("inf"))
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GIB": 1 << 30}
@@ -71,7 +72,15 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     _add_runtime_options(p)
-    p.add_argument("--scheme", default="plain", help="scheme: plain (default), enclave, plain-int8 or secureinfer; see `secureinfer plan`")
+    p.add_argument(
+        "--scheme", default="plain",
+        help="scheme: plain (default), enclave, plain-int8, secureinfer, secureinfer-enclave-qkv-ffn or hardened; "
+        "see `secureinfer plan --scheme NAME`",
+    )  # fmt: skip
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory, or `demo` for the bundled one")
+    p.add_argument("--perturbation", type=non_negative_float, help="logit noise std shown to callers (default: the scheme's)")
+    p.add_argument("--verify-repetitions", type=non_negative_int, help="Freivalds checks per blinded product (default: the scheme's)")
+    p.add_argument("--seal-kv", action=argparse.BooleanOptionalAction, help="seal the KV cache past --epc on the device (default: the scheme's)")
     p.add_argument("--record-view", metavar="DIR", help="dump everything the device holds, receives and sends to DIR")
     p.add_argument("--epc", type=memory_size, help="enclave memory budget, e.g. 90MiB (default: no limit)")
     p.add_argument("--device-timeout", type=positive_seconds, default=60.0, help="seconds to wait for a device reply")
@@ -85,6 +94,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=non_negative_int, help="sampling seed; set it for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--logprobs", type=non_negative_int, default=0, help="with --json: top-N logprobs per token (max 20)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +152,7 @@ def _generation_options(args) -> dict:
         top_p=args.top_p,
         seed=args.seed,
         stop=tuple(args.stop),
+        logprobs=args.logprobs,
     )
 
 
@@ -158,6 +169,10 @@ def _load(args):
         record_view=args.record_view,
         epc_bytes=args.epc,
         device_timeout_s=args.device_timeout,
+        adapter=args.adapter,
+        perturbation=args.perturbation,
+        verify_repetitions=args.verify_repetitions,
+        seal_kv=args.seal_kv,
     )
 
 
@@ -215,7 +230,7 @@ def _chat_with(lm, args) -> None:
             print("assistant> ", end="", flush=True)
             for chunk in stream:
                 print(chunk, end="", flush=True)
-        except DeviceError as exc:
+        except (DeviceError, IntegrityError) as exc:
             # The conversation lives here, in the trusted process: drop the failed turn, restart the device, go on.
             messages.pop()
             print(f"\nsecureinfer: error: {exc.problem}; the device was restarted, send the message again", file=sys.stderr)
