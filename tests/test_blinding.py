@@ -85,20 +85,24 @@ def forward_logits(lm, prompt_ids, pad=None):
     return steps
 
 
+BLINDED_SCHEMES = ("secureinfer", "secureinfer-enclave-qkv-ffn", "hardened")
+
+
 @pytest.mark.parametrize("channel", ["process", "inprocess"])
-def test_secureinfer_equals_plain_int8_bit_for_bit(checkpoint, channel):
+def test_every_blinded_scheme_equals_plain_int8_bit_for_bit(checkpoint, channel):
     ids = [checkpoint.tokenizer.encode(p) for p in PROMPTS]
     longest = max(map(len, ids))
     pad = torch.tensor([longest - len(row) for row in ids])
     batch = torch.tensor([[2] * int(n) + row for n, row in zip(pad, ids)])
     results = {}
-    for scheme in ("plain-int8", "secureinfer"):
+    for scheme in ("plain-int8", *BLINDED_SCHEMES):
         with secureinfer.SecureLM(checkpoint, scheme, channel=channel, threads=torch.get_num_threads()) as lm:
             results[scheme] = forward_logits(lm, batch, pad) + forward_logits(lm, torch.tensor([ids[0]]))
             results[scheme + " tokens"] = [lm.generate(p, max_new_tokens=8, ignore_eos=True).tokens for p in PROMPTS]
-    for ours, reference in zip(results["secureinfer"], results["plain-int8"]):
-        assert torch.equal(ours, reference)
-    assert results["secureinfer tokens"] == results["plain-int8 tokens"]
+    for scheme in BLINDED_SCHEMES:
+        for ours, reference in zip(results[scheme], results["plain-int8"]):
+            assert torch.equal(ours, reference), scheme
+        assert results[scheme + " tokens"] == results["plain-int8 tokens"], scheme
 
 
 def test_the_secureinfer_device_view_is_uniform_and_holds_nothing_in_clear(tmp_path, checkpoint):

@@ -54,7 +54,7 @@ def test_baselines_generate_what_the_in_process_engine_generates(checkpoint, eng
     assert [r.tokens for r in batch] == [r.tokens for r in engine.generate_batch(PROMPTS, config)]
 
 
-@pytest.mark.parametrize("scheme", ["plain", "enclave", "plain-int8", "secureinfer"])
+@pytest.mark.parametrize("scheme", ["plain", "enclave", "plain-int8", "secureinfer", "secureinfer-enclave-qkv-ffn", "hardened"])
 def test_measured_traffic_and_enclave_memory_match_the_analytic_costs(checkpoint, scheme):
     with secure_lm(checkpoint, scheme) as lm:
         prompt_tokens = len(lm.tokenizer.encode(PROMPTS[1]))

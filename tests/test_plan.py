@@ -118,3 +118,33 @@ def test_secureinfer_blinds_every_projection_alone_and_keeps_the_rest_in_the_enc
     per_layer_out = CONFIG.q_size + 2 * CONFIG.kv_size + d + 2 * f + d
     assert costs.bytes_to_device == 8 * (CONFIG.num_layers * per_layer_in + d)
     assert costs.bytes_from_device == 8 * (CONFIG.num_layers * per_layer_out + v)
+
+
+def test_the_alternative_reading_outsources_only_the_output_projection_and_the_head():
+    plan = build_plan("secureinfer-enclave-qkv-ffn", CONFIG)
+    assert [s.ops[0][0] for s in plan.device_segments] == ["o_proj"] * CONFIG.num_layers + ["lm_head"]
+    device = set(plan.stored_weights(DEVICE))
+    assert device == {f"layers.{i}.wo.q" for i in range(CONFIG.num_layers)} | {"lm_head.q"}
+    alternative, paper = plan_costs(plan, 16), plan_costs(build_plan("secureinfer", CONFIG), 16)
+    assert alternative.round_trips == CONFIG.num_layers + 1
+    assert alternative.enclave_flops > paper.enclave_flops and alternative.device_flops < paper.device_flops
+
+
+def test_an_adapter_sits_with_the_side_that_finishes_its_projection():
+    ranks = {f"layers.{i}.{w}": 8 for i in range(CONFIG.num_layers) for w in ("wqkv", "w_down")}
+    adapter = {f"{name}.{part}" for name in ranks for part in ("lora_a", "lora_b")}
+    for scheme, holder in (("plain", DEVICE), ("plain-int8", DEVICE), ("secureinfer", ENCLAVE), ("enclave", ENCLAVE)):
+        plan = build_plan(scheme, CONFIG).with_adapters(ranks)
+        other = ENCLAVE if holder == DEVICE else DEVICE
+        assert adapter <= set(plan.stored_weights(holder)) and not adapter & set(plan.stored_weights(other))
+        assert plan.adapter_sides() == [holder]
+    adapted_plan = build_plan("secureinfer", CONFIG).with_adapters(ranks)
+    plain, adapted = plan_costs(build_plan("secureinfer", CONFIG), 16), plan_costs(adapted_plan, 16)
+    d, f = CONFIG.hidden_size, CONFIG.intermediate_size
+    qkv_out = CONFIG.q_size + 2 * CONFIG.kv_size
+    per_layer = (2 * 8 * (d + qkv_out) + qkv_out) + (2 * 8 * (f + d) + d)
+    assert adapted.enclave_flops - plain.enclave_flops == CONFIG.num_layers * per_layer
+    assert adapted.enclave_weight_bytes - plain.enclave_weight_bytes == 4 * 8 * CONFIG.num_layers * (d + qkv_out + f + d)
+    assert adapted.device_flops == plain.device_flops and adapted_plan.adapters == ranks
+    with pytest.raises(ValueError, match="not projections"):
+        build_plan("plain", CONFIG).with_adapters({"layers.0.attn_norm": 8})
