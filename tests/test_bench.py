@@ -6,7 +6,7 @@ from argparse import Namespace
 
 import pytest
 
-from secureinfer.bench.speed import ENGINE, TRANSFORMERS, run_speed_bench, to_markdown
+from secureinfer.bench.speed import DEFAULT_SCHEMES, ENGINE, TRANSFORMERS, run_speed_bench, to_markdown
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def report(tiny_gguf):
 
 
 def test_every_runner_is_timed_side_by_side(report):
-    assert set(report["results"]) == {ENGINE, TRANSFORMERS, "plain", "enclave", "plain-int8", "secureinfer"}
+    assert set(report["results"]) == {ENGINE, TRANSFORMERS, *DEFAULT_SCHEMES} >= {"secureinfer", "hardened"}
     for result in report["results"].values():
         assert len(result["decode_tok_s"]["runs"]) == 2 and result["decode_tok_s"]["median"] > 0
     assert set(report["ratios"]["plain"]) == {"decode_vs_transformers", "decode_vs_plain", "decode_vs_enclave"}
@@ -27,13 +27,16 @@ def test_every_runner_is_timed_side_by_side(report):
 
 
 def test_scheme_traffic_is_measured_and_matches_the_analytic_figures(report):
-    for scheme in ("plain", "enclave", "plain-int8", "secureinfer"):
+    for scheme in DEFAULT_SCHEMES:
         measured, analytic = (report["results"][scheme][k] for k in ("measured_per_token", "analytic_per_token"))
         for key in ("round_trips", "bytes_to_device", "bytes_from_device"):
             assert measured[key] == pytest.approx(analytic[key]), (scheme, key)
     plain = report["results"]["plain"]["measured_per_token"]
     assert plain["round_trips"] == 1 and plain["device_compute_s"] > 0 and plain["enclave_compute_s"] == 0
     assert report["results"]["enclave"]["measured_per_token"]["enclave_compute_s"] > 0
+    hardened, secure = report["results"]["hardened"], report["results"]["secureinfer"]
+    assert hardened["integrity_ms_per_token"] > 0 and secure["integrity_ms_per_token"] == 0
+    assert secure["offline_pad_macs_per_token"] > 0 and secure["offline_pad_ms_per_token"] >= secure["stalled_pad_ms_per_token"]
 
 
 def test_the_markdown_shows_the_breakdown(report):
