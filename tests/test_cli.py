@@ -239,3 +239,23 @@ def test_generate_records_the_device_view_and_honours_the_epc_budget(tmp_path, m
 @pytest.mark.parametrize("value", ["12Q", "-1", "0", "lots"])
 def test_a_bad_epc_value_is_one_line(model_files, value):
     assert_one_line_error(run_cli(["generate", "hi", "--model", str(model_files["tiny"]), "--epc", value]), "--epc")
+
+
+def test_plan_with_a_budget_runs_the_partition_planner_and_explains_a_miss(model_files, tmp_path):
+    tiny = str(model_files["tiny"])
+    out = tmp_path / "plan.json"
+    results = run_cli_concurrently(
+        {
+            "fits": ["plan", "--model", tiny, "--epc", "64MiB", "--protect", "adapters,conversation", "--out", str(out), "--quiet"],
+            "tight": ["plan", "--model", tiny, "--epc", "1KiB", "--protect", "conversation", "--quiet"],
+            "bad": ["plan", "--model", tiny, "--protect", "secrets", "--quiet"],
+        }
+    )  # fmt: skip
+    fits = results["fits"]
+    assert fits.returncode == 0 and "**chosen**" in fits.stdout and "`secureinfer`" in fits.stdout
+    report = json.loads(out.read_text())
+    assert report["chosen"] is not None and report["protect"] == ["adapters", "conversation"]
+    tight = results["tight"]
+    assert tight.returncode == 2 and "| preset |" in tight.stdout
+    assert "raise --epc" in tight.stderr and len(tight.stderr.strip().splitlines()) == 1
+    assert results["bad"].returncode == 2 and "secrets" in results["bad"].stderr

@@ -148,3 +148,13 @@ def test_an_adapter_sits_with_the_side_that_finishes_its_projection():
     assert adapted.device_flops == plain.device_flops and adapted_plan.adapters == ranks
     with pytest.raises(ValueError, match="not projections"):
         build_plan("plain", CONFIG).with_adapters({"layers.0.attn_norm": 8})
+
+
+def test_a_blinded_product_must_take_its_input_from_the_enclave():
+    def place(op):
+        if op == "sample":
+            return ENCLAVE, "clear"
+        return (DEVICE, "blinded") if op in LINEAR_OPS else (DEVICE, "clear")
+
+    with pytest.raises(ValueError, match="only the device holds in clear"):
+        uniform_plan("bad", CONFIG, place)

@@ -100,7 +100,8 @@ def test_no_adapter_means_nothing_to_leak_and_the_measured_hook_is_empty():
 
 
 def test_a_blinded_product_next_to_device_ops_is_not_a_placement():
-    assert misplaced_blinding(Layout("D", "D", ("DB",) * 5).plan(TINY))
+    with pytest.raises(ValueError, match="only the device holds"):
+        Layout("D", "D", ("DB",) * 5).plan(TINY)
     assert misplaced_blinding(Layout("E", "D", ("DB", "E", "E", "E", "E")).plan(TINY))  # v goes to device attention
     assert not misplaced_blinding(Layout("E", "E", ("DB",) * 5).plan(TINY))
     result = planned(TINY, None, frozenset())

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .channel.base import DeviceError
@@ -43,6 +44,11 @@ non_negative_float = _bounded(float, "a number >= 0", lambda v: 0 <= v < float("
 positive_seconds = _bounded(float, "a number of seconds > 0", lambda v: 0 < v < float("inf"))
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GIB": 1 << 30}
+
+
+def protected_assets(text: str) -> set[str]:
+    """The planner checks the names: the CLI does not keep a second list of assets."""
+    return {a.strip() for a in text.split(",") if a.strip()}
 
 
 def memory_size(text: str) -> int:
@@ -123,8 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--quiet", action="store_true", help="no progress bars")
     info.set_defaults(run=_info)
 
-    plan = commands.add_parser("plan", help="print a scheme's placement table and analytic per-token costs")
+    plan = commands.add_parser(
+        "plan",
+        help="print a scheme's placement table and analytic per-token costs; with --epc or --protect, search for "
+        "the fastest placement that leaks no protected asset and fits the enclave",
+    )
     plan.add_argument("--scheme", default="plain")
+    plan.add_argument("--epc", type=memory_size, help="planner: the enclave memory budget, e.g. 96MiB")
+    plan.add_argument("--protect", type=protected_assets, help="planner: assets to keep from the device: adapters,conversation")
+    plan.add_argument("--adapter-rank", type=positive_int, default=8, help="planner: rank of the assumed adapter on every projection")
+    plan.add_argument("--out", help="planner: also write the JSON result to this file")
     plan.add_argument("--model", help="model whose shapes to cost (default: bundled SmolLM2)")
     plan.add_argument("--context", type=positive_int, default=256, help="cached positions for the decode costs")
     plan.add_argument("--json", action="store_true")
@@ -275,6 +289,8 @@ def _info(args) -> None:
 
 
 def _plan(args) -> None:
+    if args.epc is not None or args.protect is not None:
+        return _partition(args)
     from .model import load_checkpoint
     from .plan import PRESETS, build_plan
     from .plan.costs import plan_costs
@@ -301,6 +317,24 @@ def _plan(args) -> None:
     print(f"  enclave resident     {costs.enclave_resident_bytes / mib:,.1f} MiB "
           f"(weights {costs.enclave_weight_bytes / mib:,.1f} + KV cache {costs.enclave_kv_bytes / mib:,.1f})")
     print(f"  device resident      {(costs.device_weight_bytes + costs.device_kv_bytes) / mib:,.1f} MiB")
+
+
+def _partition(args) -> None:
+    from .model import load_checkpoint
+    from .plan.planner import NoPlacementFits, plan_partition, planner_table
+
+    config = load_checkpoint(args.model, progress=not args.quiet).config
+    try:
+        result = plan_partition(config, args.epc, args.protect or set(), args.context, args.adapter_rank)
+        failure = None
+    except NoPlacementFits as error:
+        result, failure = error.result, error
+    report = result.to_json()
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report) if args.json else planner_table(result))
+    if failure is not None:
+        raise failure
 
 
 def _bench(args) -> None:

@@ -133,6 +133,9 @@ class Plan:
                 last_device = segments[-1] if p.side == DEVICE else last_device
             segment = segments[-1]
             spec = OPS[p.op]
+            if blinded:
+                self._schedule_blinded(p, segment, where, written_by)
+                continue
             for value in spec.reads:
                 if p.side in where[value]:
                     continue
@@ -149,6 +152,26 @@ class Plan:
             last_device.returns.append("logits")  # the sampler in the enclave needs them
             last_device.last_position.add("logits")
         return segments
+
+    @staticmethod
+    def _schedule_blinded(p: Placement, segment: Segment, where: dict, written_by: dict) -> None:
+        """A blinded product's input comes from the enclave (which pads it) and its output goes back there
+        (which unpads it): the device ends up holding neither in clear, whatever its neighbours are."""
+        spec = OPS[p.op]
+        if held_elsewhere := [value for value in spec.reads if ENCLAVE not in where[value]]:
+            raise ValueError(
+                f"blinded {p.op}@{p.layer} reads {held_elsewhere}, which only the device holds in clear: "
+                "the enclave must compute a blinded product's input"
+            )
+        segment.sends.extend(spec.reads)
+        segment.returns.extend(spec.writes)
+        segment.last_position.update(v for v in spec.reads if written_by.get(v) in LAST_POSITION_OPS)
+        if p.op in LAST_POSITION_OPS:
+            segment.last_position.update(spec.writes)
+        for value in spec.writes:
+            where[value] = {ENCLAVE}
+            written_by[value] = p.op
+        segment.ops.append((p.op, p.layer))
 
     @property
     def device_segments(self) -> list[Segment]:

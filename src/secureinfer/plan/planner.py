@@ -346,8 +346,9 @@ def _device_views(plan: Plan):
 def misplaced_blinding(plan: Plan) -> list[str]:
     """Blinded projections whose input comes from, or whose output goes to, a device op.
 
-    The enclave quantizes and pads a blinded product's input and unpads its output, so both must be
-    enclave values. plan.py's schedule does not check this (it would send nothing to such an op).
+    The enclave quantizes and pads a blinded product's input and unpads its output. `Plan` refuses an
+    input the device computed; an output a device op reads goes back to the device in clear after
+    unpadding, which makes blinding pure cost. The planner skips both.
     """
     _, io, writer, readers = _device_views(plan)
     problems = []
@@ -714,7 +715,10 @@ def plan_partition(
         layout = Layout(misc, attention, tuple(projections))
         key = layout.exposure_class
         if key not in misplaced:
-            misplaced[key] = bool(misplaced_blinding(layout.plan(one_layer)))
+            try:
+                misplaced[key] = bool(misplaced_blinding(layout.plan(one_layer)))
+            except ValueError:  # Plan refuses a blinded product fed by the device
+                misplaced[key] = True
         if not misplaced[key]:
             layouts.append(layout)
     counts["misplaced_blinding"] = kept - len(layouts)
