@@ -1,0 +1,146 @@
+"""Freivalds check of the device's blinded products: y = v W mod P verified in O(rows * (in + out)).
+
+Why: blinding hides x from the device but does not stop it from returning a wrong y, which the enclave
+would unpad into a wrong activation and carry on with. Recomputing v W costs as much as not outsourcing;
+projecting both sides onto a secret random s costs only a vector per row and repetition.
+
+Soundness. Each FreivaldsCheck draws its own secret s uniform in Z_P^{out x k} (k = repetitions) from the
+OS CSPRNG and keeps ws = W s mod P. A row y passes iff y s = v ws (mod P) in all k columns. If
+y != v W mod P, the difference e = y - v W is a nonzero vector of Z_P^out; for a uniform column s_j, e . s_j
+is uniform over Z_P (P is prime: pick i with e_i != 0; e_i s_ij alone is uniform and independent of the
+other terms), so the wrong row passes a column with probability exactly 1/P and all k independent columns
+with probability P^-k ~ 2^(-35 k). A batch with several wrong rows passes less often still. This needs s
+independent of everything the device sees: s never leaves the enclave, correct products pass for every s
+and so reveal nothing about it, and a new FreivaldsCheck (one per session) draws a new s. `check` raises
+on the first failure so the session ends there, and the bound holds for the whole session; a caller that
+kept going after failures would give the device about one more P^-k chance per attempt.
+
+Exactness. Both sides are one product: [y | v] @ [s ; -ws] = y s - v ws, which must vanish mod P. Products
+of two field elements (< 2^35 each) overflow int64, and float64 sums are exact only below 2^53, so both
+operands are split into an 18-bit low and a 17-bit high limb: a limb product is < 2^36 and a sum over
+out + in <= 2^17 of them is < 2^53, so every partial sum of the float64 product is an exactly representable
+integer, whatever the summation order. The limb products recombine in int64 by two Horner steps, each
+value < 2^35 * 2^18 + 2^53 < 2^63. ws itself comes from torch._int_mm on W and 7-bit limbs of s
+(int8 x int8 -> int32): |sum| <= out * 128 * 127 < 2^31. Hence MAX_OUT = 2^17 - MAX_INNER_DIM = 129024,
+enough for a 128k-token LM head; the inner dimension is capped by field.MAX_INNER_DIM, beyond which the
+product being checked is not exact anyway.
+
+Speed. float64 limbs rather than int64: torch's int64 matmul has no BLAS kernel on CPU and was ~10x slower
+for a 576 -> 49152 row (1.5 ms against 0.15 ms). The check runs in numpy on zero-copy views because it is
+~20 small operations per product, and at one token per call torch's per-operation overhead made it ~1.5x
+slower. Measured for one row (median, one core): 576 -> 1536 takes ~35 us against ~115 us for the product,
+576 -> 49152 ~0.15-0.2 ms against ~3-4 ms; for 64 rows the check's passes over y weigh more (20-40%).
+
+Cost. Per row and repetition, in + out field multiply-adds (4 float64 limb products each) against in * out
+for the product itself; `macs(rows)` counts them in the unit of PadStats.offline_macs. Construction reads W
+once (in * out * 5k int8 multiply-adds). Storage: the limbs of s and ws, (in + out) * 2k float64 (`nbytes`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import IntegrityError
+from .field import LIMB_BITS, LIMBS, MAX_INNER_DIM, P
+from .pads import uniform_field
+
+MAX_OUT = 2**17 - MAX_INNER_DIM
+SPLIT_BITS = 18  # low limb; the high limb holds the other 35 - 18 = 17 bits of a field element
+_LOW_MASK = (1 << SPLIT_BITS) - 1
+
+
+def _split(values: np.ndarray) -> np.ndarray:
+    """int64 [n, k] in [0, P) -> float64 [n, 2k]: the low limbs of every column, then the high limbs."""
+    return np.concatenate([values & _LOW_MASK, values >> SPLIT_BITS], axis=1).astype(np.float64)
+
+
+def _project(operands: list[np.ndarray], limbs_t: np.ndarray) -> np.ndarray:
+    """([a_1 | a_2 | ...] @ B) mod P, exact. a_i: int64 [rows, n_i] in [0, P), together n <= 2^17 columns;
+    limbs_t: `_split(B).T`, contiguous, for B int64 [n, k]."""
+    rows, n = operands[0].shape[0], sum(a.shape[1] for a in operands)
+    split = np.empty((2, rows, n))
+    col = 0
+    for a in operands:  # written straight into the limb buffer: no concatenated copy of y and v
+        np.bitwise_and(a, _LOW_MASK, out=split[0, :, col : col + a.shape[1]], casting="unsafe")
+        np.right_shift(a, SPLIT_BITS, out=split[1, :, col : col + a.shape[1]], casting="unsafe")
+        col += a.shape[1]
+    # [operand limb, row, B limb, column]: the four limb products, each an exact integer < 2^53. einsum
+    # rather than a BLAS GEMM: this skinny product is memory-bound and one thread runs it about as fast,
+    # without waking numpy's BLAS pool (deaf to the enclave's torch thread budget) or paying torch's OpenMP
+    # barrier, which cost milliseconds per call when the cores were busy
+    product = np.einsum("rn,cn->rc", split.reshape(2 * rows, n), limbs_t, optimize=False)
+    p = product.astype(np.int64).reshape(2, rows, 2, limbs_t.shape[0] // 2)
+    upper = (((p[1, :, 1] % P) << SPLIT_BITS) + p[0, :, 1] + p[1, :, 0]) % P
+    return ((upper << SPLIT_BITS) + p[0, :, 0]) % P
+
+
+class FreivaldsCheck:
+    """Verifies y = v @ weight_t mod P for one int8 weight [in, out] with a per-session secret projection."""
+
+    def __init__(self, weight_t: Tensor, repetitions: int = 2):
+        if weight_t.dtype != torch.int8 or weight_t.dim() != 2:
+            raise ValueError(f"weight_t must be 2-D int8 [in, out], got {weight_t.dtype} {tuple(weight_t.shape)}")
+        in_features, out_features = weight_t.shape
+        if not (1 <= in_features <= MAX_INNER_DIM and 1 <= out_features <= MAX_OUT):
+            raise ValueError(
+                f"weight [in={in_features}, out={out_features}] is outside in <= {MAX_INNER_DIM}, out <= {MAX_OUT}, "
+                "where the check is proven exact"
+            )
+        if repetitions < 1:
+            raise ValueError(f"repetitions must be at least 1, got {repetitions}")
+        self.in_features, self.out_features, self.repetitions = in_features, out_features, repetitions
+        s = uniform_field(out_features, repetitions)
+        s7 = torch.cat([(s >> (LIMB_BITS * i)) & ((1 << LIMB_BITS) - 1) for i in range(LIMBS)], dim=1).to(torch.int8)
+        partial = torch._int_mm(weight_t, s7).view(in_features, LIMBS, repetitions)
+        ws = torch.zeros(in_features, repetitions, dtype=torch.int64)
+        for i in reversed(range(LIMBS)):
+            ws = ((ws << LIMB_BITS) + partial[:, i]) % P
+        # [s ; -ws]: one product then yields y s - v ws for the stacked row [y | v]
+        self._limbs_t = np.ascontiguousarray(_split(np.concatenate([s.numpy(), ((P - ws) % P).numpy()])).T)
+
+    def verify_rows(self, v: Tensor, y: Tensor) -> Tensor:
+        """Per row of v [..., in] (int64 in [0, P)): whether the device's y [..., out] is v @ W mod P.
+
+        A y of the wrong dtype or shape fails every row; a row with an element outside [0, P) fails even if
+        congruent, since the exactness argument (and the enclave's unpadding) assume reduced values.
+        """
+        if v.dtype != torch.int64 or v.dim() < 1 or v.shape[-1] != self.in_features:
+            raise ValueError(f"v must be int64 [..., {self.in_features}], got {v.dtype} {tuple(v.shape)}")
+        lead = v.shape[:-1]
+        vn = v.cpu().reshape(-1, self.in_features).numpy()
+        if vn.size and not (vn.min() >= 0 and vn.max() < P):
+            raise ValueError("v must hold field elements in [0, P)")
+        if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (*lead, self.out_features):
+            return torch.zeros(lead, dtype=torch.bool)
+        yn = y.cpu().reshape(-1, self.out_features).numpy()
+        in_range = np.ones(len(yn), dtype=bool)
+        if yn.size and not (yn.min() >= 0 and yn.max() < P):
+            in_range = (yn.min(axis=1) >= 0) & (yn.max(axis=1) < P)
+            yn = np.where(in_range[:, None], yn, 0)  # keep the arithmetic exact; those rows fail anyway
+        ok = (_project([yn, vn], self._limbs_t) == 0).all(axis=1) & in_range
+        return torch.from_numpy(ok).view(lead)
+
+    def verify(self, v: Tensor, y: Tensor) -> bool:
+        """Whether every row of y is the product of the same row of v with W (mod P)."""
+        return bool(self.verify_rows(v, y).all())
+
+    def check(self, v: Tensor, y: Tensor, what: str) -> None:
+        """`verify`, raising IntegrityError naming `what` (e.g. the weight) when any row is wrong."""
+        ok = self.verify_rows(v, y)
+        if not bool(ok.all()):
+            raise IntegrityError(
+                f"the device returned a wrong product for {what} "
+                f"({int((~ok).sum())} of {ok.numel()} rows failed the Freivalds check)",
+                "restart the device, or replace it if this happens again",
+            )
+
+    def macs(self, rows: int) -> int:
+        """Field multiply-adds to verify `rows` rows, comparable with rows * in * out for the product."""
+        return rows * (self.in_features + self.out_features) * self.repetitions
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held for this weight: the limbs of s and of W s."""
+        return self._limbs_t.nbytes
