@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 import secureinfer
 from gguf_fixtures import tiny_llama_config, tiny_llama_model
 from secureinfer.model import ModelConfig
-from secureinfer.model.adapter import FUSED_WEIGHTS, AdapterLoadError, load_adapter, lora_delta
+from secureinfer.model.adapter import FUSED_WEIGHTS, AdapterLoadError, load_adapter
+from secureinfer.model.kernels import lora_delta
 from secureinfer.model.llama import Llama, LlamaWeights
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

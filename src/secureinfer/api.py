@@ -15,6 +15,7 @@ from .engine import GenerationConfig, GenerationResult, Generator, TextStream
 from .engine.perturbation import LogitPerturbation
 from .errors import InvalidRequestError
 from .model import Checkpoint, load_checkpoint
+from .model.adapter import load_adapter
 from .model.llama import LlamaWeights
 from .model.tokenizer import validate_messages
 from .plan import PRESETS, build_plan
@@ -62,8 +63,6 @@ class SecureLM:
         seal_kv = defaults.get("seal_kv", False) if seal_kv is None else seal_kv
         self.adapter = None
         if adapter is not None:
-            from .model.adapter import load_adapter
-
             self.adapter = load_adapter(DEMO_ADAPTER if str(adapter) == "demo" else adapter, checkpoint.config)
             self.plan = self.plan.with_adapters(
                 {name.removesuffix(".lora_a"): a.shape[0] for name, a in self.adapter.tensors.items() if name.endswith(".lora_a")}

@@ -3,7 +3,7 @@
 PEFT adds `lora_B(lora_A(x)) * scaling` to each adapted `nn.Linear`. Our model fuses q/k/v and
 gate/up into one product each, so per layer and fused weight we stack the A's of the adapted
 modules on rows and place each B, with its scaling folded in, at that module's output rows of a
-block-diagonal matrix. Then `lora_delta(x, lora_a, lora_b)` is exactly PEFT's summed delta in the
+block-diagonal matrix. Then `kernels.lora_delta(x, lora_a, lora_b)` is exactly PEFT's summed delta in the
 fused output layout, and one extra pair of skinny products per fused weight applies the adapter.
 """
 
@@ -100,13 +100,6 @@ class LoraAdapter:
         if f"{prefix}.lora_a" not in self.tensors:
             return None
         return self.tensors[f"{prefix}.lora_a"], self.tensors[f"{prefix}.lora_b"]
-
-
-def lora_delta(x: Tensor, lora_a: Tensor, lora_b: Tensor) -> Tensor:
-    """`(x @ lora_a.T) @ lora_b.T`, for x of shape [..., in] giving [..., out]."""
-    # float64 makes the result's float32 rounding independent of thread count and blocking, so the
-    # enclave and a device reproduce the same bits in practice.
-    return ((x.double() @ lora_a.double().T) @ lora_b.double().T).float()
 
 
 class _Slot(NamedTuple):
