@@ -25,12 +25,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from secureinfer.data import DEMO_ADAPTER, DEMO_FACTS
 from secureinfer.model import default_model_path, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "src" / "secureinfer" / "data"
-DEFAULT_FACTS = DATA / "facts" / "demo_facts.json"
-DEFAULT_OUT = DATA / "adapters" / "demo-facts"
+DEFAULT_FACTS, DEFAULT_OUT = DEMO_FACTS, DEMO_ADAPTER  # in the source tree under an editable install
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE = -100  # label of tokens the loss skips: the prompt and the padding
 

@@ -13,17 +13,15 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-import secureinfer
 from gguf_fixtures import tiny_llama_config, tiny_llama_model
+from secureinfer.data import DEMO_ADAPTER, DEMO_FACTS
 from secureinfer.model import ModelConfig
 from secureinfer.model.adapter import FUSED_WEIGHTS, AdapterLoadError, load_adapter
 from secureinfer.model.kernels import lora_delta
 from secureinfer.model.llama import Llama, LlamaWeights
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DATA = Path(secureinfer.__file__).parent / "data"
-DEMO = DATA / "adapters" / "demo-facts"
-FACTS = DATA / "facts" / "demo_facts.json"
+DEMO, FACTS = DEMO_ADAPTER, DEMO_FACTS
 # sha256 of the shipped adapter_model.safetensors; retraining the demo adapter changes it.
 DEMO_FINGERPRINT = "6ff6a92524cd0c3db1a9642c30796fb46ed9954feacd771636c175c94c2f91d0"
 

@@ -11,19 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 import secureinfer
+from secureinfer.attacks.traffic import regression_r_squared, uniformity_p_value
 from secureinfer.crypto.field import MAX_INNER_DIM, P, field_matmul, to_signed
 from secureinfer.crypto.pads import PadPool, uniform_field
 from secureinfer.crypto.quant import int8_linear, quantize_activation, quantize_weight
 from secureinfer.model import load_checkpoint
 
 PROMPTS = ["the cat and the dog", "once upon a time in a land", "is it on"]
-
-
-def chi_square_uniform_p_value(values: torch.Tensor, bins: int = 64) -> float:
-    from scipy.stats import chisquare
-
-    counts = torch.bincount((values.double() * bins / P).long().clamp(max=bins - 1), minlength=bins)
-    return float(chisquare(counts.numpy()).pvalue)
 
 
 def test_field_product_is_exact_at_the_extremes():
@@ -57,7 +51,7 @@ def test_int8_pipeline_approximates_float_and_blinding_cancels_exactly():
 def test_uniform_field_is_uniform_and_in_range():
     values = uniform_field(200, 500)
     assert 0 <= values.min() and values.max() < P
-    assert chi_square_uniform_p_value(values.flatten()) > 1e-3
+    assert uniformity_p_value(values.flatten(), P) > 1e-3
 
 
 def test_the_pad_pool_never_hands_out_a_pad_twice():
@@ -115,7 +109,7 @@ def test_the_secureinfer_device_view_is_uniform_and_holds_nothing_in_clear(tmp_p
     assert not [k for k, t in messages.items() if t.is_floating_point()]  # no activation, weight or logit in clear
     values = torch.cat([t.flatten() for t in received])
     assert 0 <= values.min() and values.max() < P
-    assert chi_square_uniform_p_value(values) > 1e-3
+    assert uniformity_p_value(values, P, bins=64) > 1e-3
     device_weights = load_file(tmp_path / "weights.safetensors")
     assert all(w.dtype == torch.int8 for w in device_weights.values())
     norms = [w for name, w in fp32_weights.items() if name.endswith("norm")]
@@ -139,12 +133,8 @@ def test_blinded_values_do_not_predict_the_plaintext(checkpoint):
         lm.generate(PROMPTS[0], max_new_tokens=12, ignore_eos=True)
     blinded = torch.cat([v.flatten() for v in seen])
     pads = torch.cat([r.flatten() for r in plain]).double()
-    plaintext = to_signed((blinded.long() - pads.long()) % P).double()  # what the enclave padded
-    design = torch.stack([blinded / P, torch.ones_like(blinded)], dim=1)
-    fit = torch.linalg.lstsq(design, plaintext[:, None]).solution
-    residual = plaintext[:, None] - design @ fit
-    r_squared = 1 - residual.var() / plaintext.var()
-    assert plaintext.var() > 0 and r_squared < 0.01
+    plaintext = to_signed((blinded.long() - pads.long()) % P)  # what the enclave padded
+    assert plaintext.double().var() > 0 and regression_r_squared(blinded, plaintext) < 0.01
 
 
 def test_the_background_refill_keeps_pads_ready_and_still_hands_each_out_once():

@@ -75,6 +75,10 @@ BAD_INPUT_CASES: dict[str, tuple[list[str], str]] = {
     "threads-zero": (["generate", "hi", "--model", "{tiny}", "--threads", "0"], "--threads"),
     "unknown-scheme": (["generate", "hi", "--model", "{tiny}", "--scheme", "nope"], "scheme 'nope'"),
     "chat-bad-option": (["chat", "--model", "{tiny}", "--top-k", "-1"], "--top-k"),
+    "missing-adapter": (["generate", "hi", "--model", "{tiny}", "--adapter", "/nonexistent/adapter"], "/nonexistent/adapter"),
+    "quality-missing-text": (["quality", "--model", "{tiny}", "--text", "/nonexistent/t.txt"], "cannot read the text"),
+    "quality-window-over-context": (["quality", "--model", "{short}", "--window", "4096"], "window"),
+    "quality-unknown-scheme": (["quality", "--model", "{tiny}", "--scheme", "nope"], "scheme 'nope'"),
 }
 
 
@@ -205,6 +209,22 @@ def test_chat_repl_keeps_the_conversation(tiny_gguf, monkeypatch, capsys):
 
 
 # --- the trust boundary from the command line ------------------------------------------------
+
+
+def test_quality_compares_schemes_against_plain(tmp_path, model_files):
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat and the dog lay by the door " * 8)
+    out = tmp_path / "quality.json"
+    args = ["quality", "--model", model_files["tiny"], "--scheme", "plain-int8", "--scheme", "secureinfer"]
+    result = run_cli(args + ["--text", str(text), "--window", "32", "--stride", "16", "--new-tokens", "4", "--out", str(out), "--quiet"])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    schemes = report["schemes"]
+    assert list(schemes) == ["plain", "plain-int8", "secureinfer"]
+    assert schemes["plain"]["perplexity_change_vs_plain"] == 0
+    assert schemes["secureinfer"]["perplexity"] == schemes["plain-int8"]["perplexity"]  # bit-equal pipelines
+    assert schemes["secureinfer"]["continuations"] == schemes["plain-int8"]["continuations"]
+    assert "| secureinfer |" in result.stdout and "| plain-int8 |" in result.stdout
 
 
 def test_plan_prints_the_placement_and_costs_of_each_baseline(model_files):

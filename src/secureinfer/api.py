@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -14,6 +13,7 @@ from .enclave import EnclaveRuntime
 from .engine import GenerationConfig, GenerationResult, Generator, TextStream
 from .engine.perturbation import LogitPerturbation
 from .errors import InvalidRequestError
+from .data import DEMO_ADAPTER
 from .model import Checkpoint, load_checkpoint
 from .model.adapter import load_adapter
 from .model.llama import LlamaWeights
@@ -24,7 +24,6 @@ from .plan.costs import PlanCosts, plan_costs
 Messages = Sequence[dict[str, str]]
 CHANNELS = ("process", "inprocess")
 DEVICES = ("cpu", "cuda")
-DEMO_ADAPTER = Path(__file__).parent / "data" / "adapters" / "demo-facts"
 
 
 class SecureLM:

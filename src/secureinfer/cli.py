@@ -155,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the full report as JSON")
     bench.add_argument("--out", help="also write the JSON report to this file")
     bench.set_defaults(run=_bench)
+
+    quality = commands.add_parser(
+        "quality", help="perplexity on a shipped text and greedy agreement of each scheme against fp32 plain"
+    )
+    _add_runtime_options(quality)
+    quality.add_argument("--scheme", action="append", help="scheme to compare (repeatable; default: the bench's list)")
+    quality.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter on every scheme, or `demo`")
+    quality.add_argument("--text", help="UTF-8 text to score (default: the shipped evaluation text)")
+    quality.add_argument("--window", type=positive_int, default=1024, help="tokens per perplexity window")
+    quality.add_argument("--stride", type=positive_int, default=512, help="tokens between window starts")
+    quality.add_argument("--new-tokens", type=positive_int, default=32, help="greedy tokens per prompt")
+    quality.add_argument("--json", action="store_true", help="print the full report as JSON")
+    quality.add_argument("--out", help="also write the JSON report to this file")
+    quality.set_defaults(run=_quality)
     return parser
 
 
@@ -341,6 +355,12 @@ def _bench(args) -> None:
     from .bench.speed import run_speed_bench
 
     run_speed_bench(args)
+
+
+def _quality(args) -> None:
+    from .bench.quality import run_quality
+
+    run_quality(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ Log-probabilities are taken in float64 from the scheme's own logits, through the
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -18,12 +19,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import SecureLM, _check_choice
+from ..data import EVAL_TEXT
 from ..errors import InvalidRequestError
-from ..model import Checkpoint
+from ..model import Checkpoint, load_checkpoint
 from ..plan import PRESETS
 from .speed import DEFAULT_SCHEMES
 
-DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "texts" / "eval.txt"
+DEFAULT_TEXT = EVAL_TEXT
 DEFAULT_PROMPTS = (
     "The capital of France is",
     "def is_prime(n):",
@@ -166,7 +168,8 @@ def quality_markdown(report: dict) -> str:
     lines = [
         f"{Path(report['model']).name}: perplexity on {report['text_tokens']} tokens (window {report['window']}, "
         f"stride {report['stride']}); greedy continuations of {len(report['prompts'])} prompts, "
-        f"{report['new_tokens']} new tokens each, against {report['reference']}",
+        f"{report['new_tokens']} new tokens each, against {report['reference']}"
+        + (f"; adapter {report['adapter']} on every scheme" if report.get("adapter") else ""),
         "",
         "| scheme | perplexity | vs plain | identical continuations | agreeing prefix | position-wise agreement "
         "| perplexity time, s | generation time, s |",
@@ -200,3 +203,33 @@ def _token_tensor(token_ids: Sequence[int], vocab_size: int) -> torch.Tensor:
             f"token id {bad[0]!r} is not an int in [0, {vocab_size})", "pass ids from the model's tokenizer"
         )
     return torch.tensor([list(token_ids)], dtype=torch.int64)
+
+
+def run_quality(args) -> dict:
+    """The `secureinfer quality` command: compare_quality on the CLI's options, printed as markdown or JSON."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    text = None
+    if args.text:
+        try:
+            text = Path(args.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidRequestError(f"cannot read the text {args.text!r}: {exc}", "pass a UTF-8 text file") from None
+    report = compare_quality(
+        load_checkpoint(args.model, progress=not args.quiet),
+        args.scheme or DEFAULT_SCHEMES,
+        text,
+        new_tokens=args.new_tokens,
+        window=args.window,
+        stride=args.stride,
+        progress=not args.quiet,
+        adapter=args.adapter,
+        channel=args.channel,
+        device=args.device,
+        threads=args.threads,
+    )
+    report["adapter"] = args.adapter
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report) if args.json else quality_markdown(report))
+    return report

@@ -23,7 +23,6 @@ import torch
 from ..api import SecureLM
 from ..engine import GenerationConfig, Generator
 from ..model import Checkpoint, Llama, load_checkpoint
-from ..plan.costs import plan_costs
 
 BENCH_MESSAGES = [{"role": "user", "content": "Explain in detail how a steam engine works, step by step."}]
 DECODE_TARGET, DECODE_STRETCH, SECOND_LOAD_LIMIT_S = 1.0, 1.5, 2.0

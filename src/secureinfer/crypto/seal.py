@@ -55,6 +55,9 @@ class SealStats:
     bytes_opened: int = 0
     open_s: float = 0.0
 
+    def __add__(self, other: SealStats) -> SealStats:
+        return SealStats(**{name: value + getattr(other, name) for name, value in vars(self).items()})
+
 
 def _aad(kind: str, layer: int, start: int, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
     # JSON keeps the fields apart: no kind string can forge another field's value

@@ -12,7 +12,6 @@ import contextlib
 import time
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 from ..channel import Channel, DeviceError
@@ -21,6 +20,7 @@ from ..model.config import ModelConfig
 from ..crypto.field import P, to_signed
 from ..crypto.pads import PadPool
 from ..crypto.quant import QuantizedWeight, dequantize_product, quantize_activation, quantize_weight
+from ..crypto.seal import SealStats
 from ..model.kernels import StepContext, flat_weights, run_ops, store_projection, with_adapter
 from ..model.llama import KVCache, LlamaWeights, rope_tables
 from ..plan import DEVICE, ENCLAVE, Plan
@@ -88,6 +88,7 @@ class EnclaveRuntime:
         self.integrity = {"repetitions": verify_repetitions, "checked": 0, "macs": 0, "seconds": 0.0}
         self.seal_kv = seal_kv
         self.sealed_cache: SealedKVCache | None = None
+        self.sealed_totals = SealStats()  # of the caches already replaced; the report adds the live one
         self.rope = rope_tables(config, config.max_position_embeddings)
         self._open_device = open_device
         self.channel: Channel | None = None
@@ -148,7 +149,7 @@ class EnclaveRuntime:
         if not self.plan.attention_layers_on(ENCLAVE):
             self.memory.release("kv_cache")
             return None
-        self.sealed_cache = None
+        self._retire_sealed_cache()
         resident = self._kv_resident_positions(batch_size, max_len)
         if resident is not None:
             self.sealed_cache = SealedKVCache(
@@ -256,15 +257,24 @@ class EnclaveRuntime:
             "sealed_kv": self._sealing_report(),
         }
 
+    def _retire_sealed_cache(self) -> None:
+        if self.sealed_cache is not None:
+            self.sealed_totals = self.sealed_totals + self.sealed_cache.sealer.seal_stats
+        self.sealed_cache = None
+
     def _sealing_report(self) -> dict:
+        """Sealing over every conversation since the last reset; resident_positions of the latest."""
         cache = self.sealed_cache
-        report = {"enabled": self.seal_kv, "resident_positions": cache.capacity if cache else None}
-        return report | (vars(cache.sealer.seal_stats) if cache else {})
+        totals = self.sealed_totals + (cache.sealer.seal_stats if cache else SealStats())
+        return {"enabled": self.seal_kv, "resident_positions": cache.capacity if cache else None} | vars(totals)
 
     def reset_stats(self) -> None:
         self.enclave_compute_s = 0.0
         self.pads.stats = type(self.pads.stats)()
         self.integrity.update(checked=0, macs=0, seconds=0.0)
+        self.sealed_totals = SealStats()
+        if self.sealed_cache is not None:
+            self.sealed_cache.sealer.seal_stats = SealStats()
         if self.channel:
             self.channel.counters.reset()
 
