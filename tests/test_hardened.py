@@ -72,7 +72,7 @@ def test_a_tampering_device_raises_integrity_error_and_emits_no_token(tiny_gguf,
 
         _tamper_replies(lm, alter)
         detected = 0
-        trials = 12
+        trials = 250  # x 4 modes: 1,000 tampered runs end to end
         for trial in range(trials):
             state.update(products=0, target=rng.randrange(1, 40))
             stream = lm.stream(PROMPT, max_new_tokens=6, ignore_eos=True)
