@@ -114,6 +114,7 @@ def test_the_kv_cache_past_the_budget_is_sealed_on_the_device_and_opens_exactly(
     assert report["resident_positions"] == 64 and report["blocks_sealed"] >= 2 * 2  # k and v, both layers
     assert report["blocks_opened"] > report["blocks_sealed"]  # every later step reads them back
     assert kinds["put_sealed"] >= 2 and kinds["get_sealed"] > 0
+    assert kinds["get_sealed"] <= lm.config.num_layers * len(got)  # keys and values of a layer in one trip
     from safetensors.torch import load_file
 
     state = load_file(str(tmp_path / "view" / "state.safetensors"))

@@ -57,22 +57,25 @@ class SealedKVCache:
     def _key(self, layer: int, kind: str, start: int) -> str:
         return f"kv.{layer}.{kind}.{start}"
 
-    def _opened(self, layer: int, kind: str) -> list[Tensor]:
+    def _opened(self, layer: int) -> dict[str, list[Tensor]]:
+        """The layer's sealed key and value blocks, fetched in one round trip and opened."""
         starts = range(0, self.sealed_upto[layer], self.block)
         if not starts:
-            return []
-        keys = [self._key(layer, kind, start) for start in starts]
-        stored = self._get([k + suffix for k in keys for suffix in (".ct", ".nonce")])
-        blocks = []
-        for key, start in zip(keys, starts):
-            if key + ".ct" not in stored or key + ".nonce" not in stored:
-                raise IntegrityError(
-                    f"the device did not return sealed KV block {key}",
-                    "restart the device; the sealed part of this conversation is lost, so send the request again",
-                )
-            block = SealedBlock(stored[key + ".ct"], stored[key + ".nonce"], torch.float32, self.block_shape)
-            blocks.append(self.sealer.open(block, layer=layer, start=start, kind=kind))
-        return blocks
+            return {"k": [], "v": []}
+        keys = {kind: [self._key(layer, kind, start) for start in starts] for kind in ("k", "v")}
+        stored = self._get([key + suffix for kind in keys for key in keys[kind] for suffix in (".ct", ".nonce")])
+        opened: dict[str, list[Tensor]] = {}
+        for kind, names in keys.items():
+            opened[kind] = []
+            for key, start in zip(names, starts):
+                if key + ".ct" not in stored or key + ".nonce" not in stored:
+                    raise IntegrityError(
+                        f"the device did not return sealed KV block {key}",
+                        "restart the device; the sealed part of this conversation is lost, so send the request again",
+                    )
+                block = SealedBlock(stored[key + ".ct"], stored[key + ".nonce"], torch.float32, self.block_shape)
+                opened[kind].append(self.sealer.open(block, layer=layer, start=start, kind=kind))
+        return opened
 
     def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v for positions [start, start+T) and return keys and values of every position so far."""
@@ -81,8 +84,9 @@ class SealedKVCache:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
         if start < sealed:
             raise ValueError(f"positions before {sealed} of layer {layer} are sealed; they cannot be rewritten")
-        keys = torch.cat([*self._opened(layer, "k"), self.k[layer, :, :, : start - sealed], k], dim=2)
-        values = torch.cat([*self._opened(layer, "v"), self.v[layer, :, :, : start - sealed], v], dim=2)
+        opened = self._opened(layer)
+        keys = torch.cat([*opened["k"], self.k[layer, :, :, : start - sealed], k], dim=2)
+        values = torch.cat([*opened["v"], self.v[layer, :, :, : start - sealed], v], dim=2)
         outgoing: dict[str, Tensor] = {}
         while end - sealed > self.capacity:
             for kind, full in (("k", keys), ("v", values)):
