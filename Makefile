@@ -22,8 +22,10 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# Protected generation: hardened (blinded projections, Freivalds checks, perturbation) with the private demo adapter.
 demo: install
-	$(VENV)/bin/secureinfer generate --chat "What is the capital of France?" --max-new-tokens 32
+	$(VENV)/bin/secureinfer generate --chat "What is the capital of France?" --scheme hardened --max-new-tokens 32
+	$(VENV)/bin/secureinfer generate --chat "Who founded Quillmere Robotics?" --scheme hardened --adapter demo --max-new-tokens 32
 
 test: install
 	$(PY) -m pytest -q

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from gguf_fixtures import tiny_llama_config, tiny_llama_model
 from secureinfer.data import DEMO_ADAPTER, DEMO_FACTS
 from secureinfer.model import ModelConfig
-from secureinfer.model.adapter import FUSED_WEIGHTS, AdapterLoadError, load_adapter
+from secureinfer import AdapterLoadError
+from secureinfer.model.adapter import FUSED_WEIGHTS, load_adapter
 from secureinfer.model.kernels import lora_delta
 from secureinfer.model.llama import Llama, LlamaWeights
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import secureinfer
+from secureinfer import IntegrityError  # exported at the top, as the README shows
 from secureinfer.crypto.field import P
-from secureinfer.errors import IntegrityError
 
 PROMPT = "the quick brown fox jumps over"
 

@@ -16,6 +16,13 @@ _EXPORTS = {
     "SecureInferError": "errors",
     "ModelLoadError": "errors",
     "InvalidRequestError": "errors",
+    "IntegrityError": "errors",
+    "AdapterLoadError": "model.adapter",
+    "DeviceError": "channel.base",
+    "DeviceDied": "channel.base",
+    "DeviceTimeout": "channel.base",
+    "DeviceProtocolError": "channel.base",
+    "DeviceFailed": "channel.base",
 }
 __all__ = sorted(_EXPORTS)
 
