@@ -3,28 +3,15 @@ past the enclave budget is sealed on the device and opens exactly, and tampering
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
 import secureinfer
 from secureinfer import IntegrityError  # exported at the top, as the README shows
-from secureinfer.crypto.field import P
+from secureinfer.attacks.tamper import MODES, run_tamper_attack, tamper_replies
 
 PROMPT = "the quick brown fox jumps over"
-
-
-def _tamper_replies(lm, alter):
-    """Route every reply of the runtime's channel through `alter(kind, meta, reply_meta, tensors)`: a malicious device."""
-    channel = lm.runtime.channel
-    honest = channel.request
-
-    def request(kind, meta=None, tensors=None):
-        reply_meta, reply = honest(kind, meta, tensors)
-        return reply_meta, alter(kind, meta or {}, reply)
-
-    channel.request = request
 
 
 def test_hardened_equals_plain_int8_with_a_thousand_checks_and_no_false_alarm(tiny_gguf):
@@ -42,48 +29,21 @@ def test_hardened_equals_plain_int8_with_a_thousand_checks_and_no_false_alarm(ti
     assert stats["perturbation"] > 0  # on by default under hardened
 
 
-@pytest.mark.parametrize("mode", ["corrupt", "scale", "replay", "zero"])
-def test_a_tampering_device_raises_integrity_error_and_emits_no_token(tiny_gguf, mode):
-    rng = random.Random(mode)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_tampering_device_raises_integrity_error_and_emits_no_wrong_token(tiny_gguf, mode):
     with secureinfer.load(tiny_gguf, "hardened", progress=False, channel="inprocess") as lm:
-        honest = lm.generate(PROMPT, max_new_tokens=6, ignore_eos=True).tokens
-        previous: dict[str, torch.Tensor] = {}
-        state = {"products": 0, "target": 0}
+        result = run_tamper_attack(lm, mode, trials=250, prompt=PROMPT, honest_runs=20, seed=len(mode))
+    # x 4 modes: 1,000 tampered runs end to end, each stopped before a wrong token
+    assert result.detected == result.trials == 250 and result.wrong_tokens_before_detection == 0
+    assert result.false_alarms == 0 and result.honest_runs == 20
 
-        def alter(kind, meta, reply):
-            if kind != "run" or not meta.get("blinded"):
-                return reply
-            state["products"] += 1
-            key = repr(meta["ops"])
-            y = reply["y"].clone()
-            if state["products"] == state["target"]:
-                if mode == "corrupt":
-                    flat = y.view(-1)
-                    i = rng.randrange(flat.numel())
-                    flat[i] = (flat[i] + rng.randrange(1, P)) % P
-                elif mode == "scale":
-                    y = (y * 2) % P
-                elif mode == "replay":
-                    y = previous[key] if key in previous and previous[key].shape == y.shape else (y + 1) % P
-                else:
-                    y = torch.zeros_like(y)
-            previous[key] = reply["y"]
-            return {**reply, "y": y}
 
-        _tamper_replies(lm, alter)
-        detected = 0
-        trials = 250  # x 4 modes: 1,000 tampered runs end to end
-        for trial in range(trials):
-            state.update(products=0, target=rng.randrange(1, 40))
-            stream = lm.stream(PROMPT, max_new_tokens=6, ignore_eos=True)
-            emitted = []
-            with pytest.raises(IntegrityError, match="wrong product|tamper|integrity|Freivalds"):
-                for chunk in stream:
-                    emitted.append(chunk)
-            detected += 1
-            # Whatever came out before the tampered step is the honest text's prefix, never a wrong token.
-            assert "".join(emitted) == lm.tokenizer.decode(honest)[: len("".join(emitted))]
-        assert detected == trials
+@pytest.mark.parametrize("mode", MODES)
+def test_without_checks_secureinfer_passes_tampered_products_on_to_the_user(tiny_gguf, mode):
+    """The control: the same attack on secureinfer goes unnoticed and changes what the user reads."""
+    with secureinfer.load(tiny_gguf, "secureinfer", progress=False, channel="inprocess") as lm:
+        result = run_tamper_attack(lm, mode, trials=20, prompt=PROMPT, honest_runs=2, seed=len(mode))
+    assert result.detected == 0 and result.wrong_output > 0
 
 
 def _sealing_lm(tiny_gguf, **options):
@@ -146,6 +106,12 @@ def test_tampering_with_sealed_kv_is_caught(tiny_gguf, attack):
                 seen.update(reply)
             return reply
 
-        _tamper_replies(lm, alter)
+        tamper_replies(lm, alter)
         with pytest.raises(IntegrityError):
             lm.generate(PROMPT, max_new_tokens=150, ignore_eos=True)
+
+
+def test_a_scheme_with_no_blinded_product_has_nothing_to_tamper_with(tiny_gguf):
+    with secureinfer.load(tiny_gguf, "plain", progress=False, channel="inprocess") as lm:
+        with pytest.raises(ValueError, match="nothing to tamper with"):
+            run_tamper_attack(lm, "corrupt", trials=1, prompt=PROMPT)
