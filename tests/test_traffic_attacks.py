@@ -8,9 +8,16 @@ import torch
 from safetensors.torch import save_file
 
 from secureinfer.attacks.content import find_in_view, tensor_probes
-from secureinfer.attacks.traffic import regression_r_squared, uniformity_p_value
+from secureinfer.attacks.traffic import (
+    nearest_embedding_tokens,
+    pad_reuse_pairs,
+    regression_r_squared,
+    uniformity_p_value,
+)
 from secureinfer.crypto.field import P
 from secureinfer.crypto.pads import uniform_field
+from secureinfer.crypto.quant import quantize_activation
+from secureinfer.model.llama import rms_norm
 
 
 def test_uniformity_rejects_structured_traffic_and_accepts_pads():
@@ -63,3 +70,43 @@ def test_content_search_refuses_a_probe_too_short_to_mean_anything(tmp_path):
     (tmp_path / "f").write_bytes(b"abcdef")
     with pytest.raises(ValueError, match="4 or more"):
         find_in_view(tmp_path, {"tiny": b"ab"})
+
+
+def test_nearest_embedding_reads_clear_activations_and_not_padded_ones():
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(500, 64, generator=generator)
+    tokens = torch.randint(0, 500, (300,), generator=generator)
+    plaintext, _ = quantize_activation(embeddings[tokens])
+    assert (nearest_embedding_tokens(plaintext % P, embeddings, P) == tokens).float().mean() == 1.0
+    padded = (plaintext + uniform_field(300, 64)) % P
+    assert (nearest_embedding_tokens(padded, embeddings, P) == tokens).float().mean() < 0.05  # chance: 1/500
+
+
+def test_pad_reuse_is_found_exactly_where_a_pad_was_used_twice():
+    plaintext, _ = quantize_activation(torch.randn(40, 96))
+    pads = uniform_field(40, 96)
+    assert pad_reuse_pairs((plaintext + pads) % P, P) == []
+    pads[27] = pads[9]
+    assert pad_reuse_pairs((plaintext + pads) % P, P) == [(9, 27)]
+
+
+def test_a_secureinfer_session_reuses_no_pad_and_its_first_projection_hides_the_tokens(tiny_lm, tiny_gguf):
+    import secureinfer
+
+    with secureinfer.load(tiny_gguf, "secureinfer", progress=False, channel="inprocess") as lm:
+        received, original = [], lm.runtime.channel.request
+
+        def spy(kind, meta=None, tensors=None):
+            if kind == "run" and meta.get("blinded") and [list(op) for op in meta["ops"]] == [["qkv_proj", 0]]:
+                received.append(tensors["v"])
+            return original(kind, meta, tensors)
+
+        lm.runtime.channel.request = spy
+        result = lm.generate("the cat sat on the mat by the door", max_new_tokens=40, ignore_eos=True)
+        weights = lm.runtime.weights
+    rows = torch.cat(received)
+    tokens = torch.tensor(lm.tokenizer.encode("the cat sat on the mat by the door") + result.tokens[:-1])
+    assert len(rows) == len(tokens) and pad_reuse_pairs(rows, P) == []
+    normalized = rms_norm(weights["embed"], weights["layers.0.attn_norm"], lm.config.rms_norm_eps)
+    hits = (nearest_embedding_tokens(rows, normalized, P) == tokens).float().mean().item()
+    assert hits < 0.1  # the tiny vocabulary's chance level is below 0.01
