@@ -6,3 +6,4 @@ DATA_DIR = Path(__file__).resolve().parent
 DEMO_ADAPTER = DATA_DIR / "adapters" / "demo-facts"
 DEMO_FACTS = DATA_DIR / "facts" / "demo_facts.json"
 EVAL_TEXT = DATA_DIR / "texts" / "eval.txt"
+CONVERSATIONS = DATA_DIR / "conversations" / "conversations.json"
