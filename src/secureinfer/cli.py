@@ -169,6 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--json", action="store_true", help="print the full report as JSON")
     quality.add_argument("--out", help="also write the JSON report to this file")
     quality.set_defaults(run=_quality)
+
+    audit = commands.add_parser(
+        "audit", help="run every attack against every scheme from recorded device views; write the report"
+    )
+    audit.add_argument("--model", help="model to audit (default: bundled SmolLM2)")
+    audit.add_argument("--quiet", action="store_true", help="no progress bars")
+    audit.add_argument("--quick", action="store_true", help="CI size: 2 victims per scheme, 10 tampered runs per mode")
+    audit.add_argument("--scheme", action="append", help="scheme to audit (repeatable; default: plain, plain-int8, secureinfer, hardened)")
+    audit.add_argument("--seed", type=non_negative_int, default=0)
+    audit.add_argument("--out", default="report", help="directory for security.json, security.md and plots (default: report)")
+    audit.add_argument("--readme", help="also regenerate the attack table between the markers of this README")
+    audit.add_argument("--keep-views", metavar="DIR", help="keep every recorded device view under DIR")
+    audit.set_defaults(run=_audit)
     return parser
 
 
@@ -361,6 +374,24 @@ def _quality(args) -> None:
     from .bench.quality import run_quality
 
     run_quality(args)
+
+
+def _audit(args) -> None:
+    from .attacks.audit import DEFAULT_SCHEMES, FULL, QUICK, run_audit
+    from .attacks.report import security_table, update_readme, write_report
+    from .model import load_checkpoint
+    from .plan import build_plan
+
+    schemes = tuple(dict.fromkeys(args.scheme or DEFAULT_SCHEMES))
+    checkpoint = load_checkpoint(args.model, progress=not args.quiet)
+    for scheme in schemes:
+        build_plan(scheme, checkpoint.config)  # an unknown scheme fails here, before minutes of work
+    report = run_audit(checkpoint, schemes, QUICK if args.quick else FULL, args.seed, args.keep_views, not args.quiet)
+    files = write_report(report, args.out)
+    if args.readme:
+        update_readme(args.readme, report)
+    print(security_table(report))
+    print("wrote " + ", ".join(str(f) for f in files))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,235 @@
+"""The security audit: every attack against every scheme, from recorded device views, with fixed seeds.
+
+For each scheme the audit replays each victim conversation through a fresh session that records the
+device view, runs every conversation attack on that view alone (plus the public base model and
+tokenizer the threat model grants), and scores the guesses against the conversation it knows. Then
+it runs the tampering attack on schemes that outsource blinded products, and a content search for
+the demo adapter in the view of a session that loaded it. Results carry their chance level.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..api import SecureLM
+from ..crypto.field import P
+from ..data import DEMO_ADAPTER
+from ..model import Checkpoint, Llama
+from ..model.adapter import load_adapter
+from ..plan import PRESETS, build_plan
+from .content import find_in_view, tensor_probes
+from .kv_inversion import invert_hidden_states, invert_kv_cache, normed_embeddings
+from .metrics import aggregate_recovery, score_recovery, unigram_prior
+from .tamper import MODES, run_tamper_attack
+from .traffic import nearest_embedding_tokens, pad_reuse_pairs, uniformity_p_value
+from .victims import Conversation, load_conversations
+from .view import ConversationRecovery, DeviceView
+from .vocab_matching import match_vocabulary
+
+DEFAULT_SCHEMES = ("plain", "plain-int8", "secureinfer", "hardened")
+TAMPER_PROMPT = "Please summarise my account history."
+
+
+@dataclass(frozen=True)
+class AuditSize:
+    conversations: int | None  # victims replayed per scheme; None: all of them
+    new_tokens: int  # reply tokens generated after each conversation
+    tamper_trials: int  # per tampering mode
+    tamper_tokens: int
+
+
+QUICK = AuditSize(conversations=2, new_tokens=4, tamper_trials=10, tamper_tokens=3)
+FULL = AuditSize(conversations=None, new_tokens=8, tamper_trials=50, tamper_tokens=4)
+
+
+def _blinded_first_projection(view: DeviceView, public: Llama) -> ConversationRecovery:
+    """The traffic attack scored like a conversation attack: nearest embedding to each blinded layer-0 input row."""
+    runs = [run for run in view.conversation_runs() if run.meta.get("blinded") and run.runs_op("qkv_proj", 0)]
+    clear = view.holds_clear_token_ids()
+    if not runs:
+        return ConversationRecovery.nothing(
+            "blinded_nearest_embedding", "nearest embedding", "the device received no blinded layer-0 input", clear
+        )
+    rows = torch.cat([view.message_tensor(run.tensors["v"]) for run in runs])
+    guesses = nearest_embedding_tokens(rows, normed_embeddings(public), P).tolist()
+    return ConversationRecovery(
+        "blinded_nearest_embedding",
+        "each blinded layer-0 input row read as plaintext, nearest normalized embedding by cosine",
+        [guesses],
+        [[None] * len(guesses)],
+        [run.tensors["v"] for run in runs],
+        clear_token_ids=clear,
+    )
+
+
+ConversationAttack = Callable[[DeviceView, Llama], ConversationRecovery]
+CONVERSATION_ATTACKS: dict[str, ConversationAttack] = {
+    "kv_inversion": invert_kv_cache,
+    "hidden_state_inversion": invert_hidden_states,
+    "vocab_matching": match_vocabulary,
+    "vocab_matching_sorted": lambda view, public: match_vocabulary(view, public, features="sorted"),
+    "blinded_nearest_embedding": _blinded_first_projection,
+}
+
+
+def _traffic_statistics(view: DeviceView) -> dict | None:
+    """Uniformity of everything blinded the device received, and pad reuse within each op."""
+    by_op: dict[str, list[torch.Tensor]] = {}
+    for message in view.messages:
+        if message.direction == "in" and message.kind == "run" and message.meta.get("blinded"):
+            by_op.setdefault(repr(message.ops), []).append(view.message_tensor(message.tensors["v"]))
+    if not by_op:
+        return None
+    every = torch.cat([t.flatten() for rows in by_op.values() for t in rows])
+    reused = sum(len(pad_reuse_pairs(torch.cat(rows), P)) for rows in by_op.values())
+    return {"elements": every.numel(), "uniformity_p": uniformity_p_value(every, P), "pad_reuse_pairs": reused}
+
+
+def _replay(checkpoint: Checkpoint, scheme: str, conversation: Conversation, view_dir: Path, new_tokens: int):
+    """One victim session; returns the token ids the final KV cache holds, in order."""
+    with SecureLM(checkpoint, scheme, record_view=view_dir) as lm:
+        result = lm.chat(list(conversation.messages), max_new_tokens=new_tokens)
+    prompt = checkpoint.tokenizer.apply_chat_template(list(conversation.messages))
+    return prompt + result.tokens[:-1]  # the last token is sampled, never fed back
+
+
+def _adapter_exposure(checkpoint: Checkpoint, scheme: str, workdir: Path) -> dict:
+    """Load the demo adapter, chat once, and count the adapter tensors whose bytes (in any precision) the view holds."""
+    view_dir = workdir / f"{scheme}-adapter"
+    with SecureLM(checkpoint, scheme, adapter="demo", record_view=view_dir) as lm:
+        lm.chat([{"role": "user", "content": "Who founded Quillmere Robotics?"}], max_new_tokens=4)
+        held_by = lm.plan.adapter_sides()
+    tensors = load_adapter(DEMO_ADAPTER, checkpoint.config).tensors
+    found = {probe.split("[")[0] for probe, _, _ in find_in_view(view_dir, tensor_probes(tensors))}
+    shutil.rmtree(view_dir, ignore_errors=True)
+    return {"held_by": held_by, "tensors": len(tensors), "found": len(found), "fraction_found": len(found) / len(tensors)}
+
+
+def _tampering(checkpoint: Checkpoint, scheme: str, size: AuditSize, seed: int) -> dict | None:
+    if not any(p.transform == "blinded" for p in build_plan(scheme, checkpoint.config).placements):
+        return None
+    results = {}
+    with SecureLM(checkpoint, scheme, channel="inprocess") as lm:
+        for mode in MODES:
+            attack = run_tamper_attack(
+                lm, mode, size.tamper_trials, TAMPER_PROMPT, size.tamper_tokens, honest_runs=2, seed=seed
+            )
+            results[mode] = attack.to_dict()
+    detected = sum(r["detected"] for r in results.values())
+    trials = sum(r["trials"] for r in results.values())
+    return {
+        "modes": results,
+        "trials": trials,
+        "detection_rate": detected / trials,
+        "false_alarms": sum(r["false_alarms"] for r in results.values()),
+        "wrong_output": sum(r["wrong_output"] for r in results.values()),
+    }
+
+
+def run_audit(
+    checkpoint: Checkpoint,
+    schemes: tuple[str, ...] = DEFAULT_SCHEMES,
+    size: AuditSize = QUICK,
+    seed: int = 0,
+    keep_views: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Every attack against every scheme; the report `write_report` turns into files."""
+    began = time.perf_counter()
+    torch.manual_seed(seed)
+    tokenizer, config = checkpoint.tokenizer, checkpoint.config
+    public = Llama.from_state_dict(config, checkpoint.weights)  # the adversary's copy of the public base
+    prior = unigram_prior(tokenizer)
+    victims = load_conversations()[: size.conversations]
+    workdir = Path(keep_views) if keep_views else Path(tempfile.mkdtemp(prefix="secureinfer-audit-"))
+    report_schemes = {}
+    try:
+        for scheme in tqdm(schemes, desc="schemes", disable=not progress):
+            scheme_began = time.perf_counter()
+            scores: dict[str, list] = {name: [] for name in CONVERSATION_ATTACKS}
+            nothing: dict[str, str] = {}
+            traffic, clear_ids = [], False
+            for victim in tqdm(victims, desc=scheme, leave=False, disable=not progress):
+                view_dir = workdir / scheme / victim.id
+                true_ids = _replay(checkpoint, scheme, victim, view_dir, size.new_tokens)
+                view = DeviceView.load(view_dir)
+                clear_ids |= view.holds_clear_token_ids()
+                for name, attack in CONVERSATION_ATTACKS.items():
+                    recovery = attack(view, public)
+                    if recovery.nothing_to_attack:
+                        nothing[name] = recovery.nothing_to_attack
+                        continue
+                    guesses = recovery.tokens[0][: len(true_ids)]
+                    scores[name].append(score_recovery(victim, true_ids[: len(guesses)], guesses, tokenizer, prior))
+                statistics = _traffic_statistics(view)
+                if statistics:
+                    traffic.append(statistics)
+                if not keep_views:
+                    shutil.rmtree(view_dir, ignore_errors=True)
+            report_schemes[scheme] = {
+                "description": PRESETS[scheme].summary,
+                "device_received_clear_token_ids": clear_ids,
+                "conversation_attacks": {
+                    name: {"ran": True, **aggregate_recovery(found)} if found else {"ran": False, "why": nothing[name]}
+                    for name, found in scores.items()
+                },
+                "per_conversation": {name: [s.to_dict() for s in found] for name, found in scores.items() if found},
+                "traffic": _pool_traffic(traffic),
+                "tampering": _tampering(checkpoint, scheme, size, seed),
+                "adapter": _adapter_exposure(checkpoint, scheme, workdir),
+                "extraction": {"ran": False, "why": "the extraction attack is not built yet"},
+                "seconds": time.perf_counter() - scheme_began,
+            }
+    finally:
+        if not keep_views:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "config": asdict(size) | {"schemes": list(schemes), "victims": [v.id for v in victims], "seed": seed},
+        "versions": _versions(),
+        "seconds": time.perf_counter() - began,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "schemes": report_schemes,
+    }
+
+
+def _pool_traffic(per_view: list[dict]) -> dict | None:
+    if not per_view:
+        return None
+    return {
+        "views": len(per_view),
+        "elements": sum(v["elements"] for v in per_view),
+        "min_uniformity_p": min(v["uniformity_p"] for v in per_view),
+        "uniformity_p": [v["uniformity_p"] for v in per_view],
+        "pad_reuse_pairs": sum(v["pad_reuse_pairs"] for v in per_view),
+    }
+
+
+def _versions() -> dict:
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None  # an installed copy outside a checkout
+    return {
+        "secureinfer": __version__,
+        "git": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": f"{platform.machine()}, {platform.system()}",
+    }

@@ -1,0 +1,116 @@
+"""The security audit: its report files and README table, and a quick audit of the real model in CI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from secureinfer.attacks.report import README_BEGIN, README_END, security_table, update_readme, write_report
+from secureinfer.errors import InvalidRequestError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _outcome(recovery: float) -> dict:
+    return {
+        "ran": True, "conversations": 2, "tokens": 300, "token_recovery": recovery, "chance_token_recovery": 0.016,
+        "char_similarity": recovery, "span_recovery": recovery, "span_recovery_by_kind": {"name": recovery},
+    }  # fmt: skip
+
+
+def _report() -> dict:
+    nothing = {"ran": False, "why": "the device held no KV cache"}
+    adapter = {"held_by": ["enclave"], "tensors": 120, "found": 0, "fraction_found": 0.0}
+    return {
+        "config": {"victims": ["a", "b"], "new_tokens": 4, "tamper_trials": 10, "seed": 0},
+        "versions": {"git": "abc123"},
+        "seconds": 12.0,
+        "peak_rss_mib": 900.0,
+        "schemes": {
+            "plain": {
+                "description": "baseline", "device_received_clear_token_ids": True,
+                "conversation_attacks": {"kv_inversion": _outcome(0.99)}, "traffic": None, "tampering": None,
+                "adapter": adapter | {"held_by": ["device"], "found": 120, "fraction_found": 1.0},
+                "extraction": {"ran": False, "why": "not built"}, "seconds": 5.0,
+            },
+            "secureinfer": {
+                "description": "blinded", "device_received_clear_token_ids": False,
+                "conversation_attacks": {"kv_inversion": nothing}, "adapter": adapter,
+                "traffic": {"views": 2, "elements": 1000, "min_uniformity_p": 0.4, "uniformity_p": [0.4, 0.7], "pad_reuse_pairs": 0},
+                "tampering": {"modes": {}, "trials": 40, "detection_rate": 0.0, "false_alarms": 0, "wrong_output": 29},
+                "extraction": {"ran": False, "why": "not built"}, "seconds": 7.0,
+            },
+        },
+    }  # fmt: skip
+
+
+def test_the_table_shows_each_scheme_with_its_numbers_and_chance():
+    table = security_table(_report()).splitlines()
+    plain = next(line for line in table if line.startswith("| `plain`"))
+    secure = next(line for line in table if line.startswith("| `secureinfer`"))
+    assert "token ids sent in clear" in plain and "99.0% tokens" in plain and "chance 1.6%" in plain
+    assert "120 of 120 tensors found (held by device)" in plain
+    assert "nothing to attack" in secure and "0% of 40 detected, 29 wrong outputs" in secure
+    assert "min p = 0.4" in secure and "0 reused pads" in secure and "0 of 120 tensors found" in secure
+
+
+def test_report_files_are_written(tmp_path):
+    files = write_report(_report(), tmp_path / "report")
+    assert json.loads((tmp_path / "report" / "security.json").read_text())["schemes"].keys() == {"plain", "secureinfer"}
+    markdown = (tmp_path / "report" / "security.md").read_text()
+    assert "the device held no KV cache" in markdown and "sensitive fields recovered 99%" in markdown
+    plots = [f for f in files if f.suffix == ".png"]
+    assert plots and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+
+
+def test_the_readme_table_is_replaced_between_its_markers_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# intro\n\n{README_BEGIN}\nold table\n{README_END}\n\n## after\n")
+    update_readme(readme, _report())
+    text = readme.read_text()
+    assert text.startswith("# intro\n\n") and text.endswith(f"{README_END}\n\n## after\n")
+    assert "old table" not in text and "| `secureinfer` |" in text
+    readme.write_text("# no markers\n")
+    with pytest.raises(InvalidRequestError, match="no generated attack table"):
+        update_readme(readme, _report())
+
+
+def test_the_project_readme_holds_the_markers():
+    text = (ROOT / "README.md").read_text()
+    assert text.count(README_BEGIN) == 1 and text.count(README_END) == 1
+
+
+@pytest.mark.integration
+def test_quick_audit_of_the_real_model(tmp_path):
+    """`secureinfer audit --quick` as CI runs it; the attacks prove themselves on plain and find nothing on the rest."""
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    out = tmp_path / "report"
+    command = [sys.executable, "-m", "secureinfer.cli", "audit", "--quick", "--quiet", "--out", str(out), "--readme", str(readme)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "security.json").read_text())
+    schemes = report["schemes"]
+    assert list(schemes) == ["plain", "plain-int8", "secureinfer", "hardened"]
+    assert report["versions"]["git"] and report["config"]["seed"] == 0
+
+    for scheme in ("plain", "plain-int8"):
+        attacks = schemes[scheme]["conversation_attacks"]
+        assert attacks["kv_inversion"]["token_recovery"] >= 0.95, scheme
+        assert attacks["vocab_matching"]["token_recovery"] >= 0.95, scheme
+        assert schemes[scheme]["adapter"]["found"] == schemes[scheme]["adapter"]["tensors"]  # the device holds it
+    for scheme in ("secureinfer", "hardened"):
+        attacks = schemes[scheme]["conversation_attacks"]
+        ran = {name: outcome for name, outcome in attacks.items() if outcome["ran"]}
+        assert list(ran) == ["blinded_nearest_embedding"], scheme
+        assert ran["blinded_nearest_embedding"]["token_recovery"] <= ran["blinded_nearest_embedding"]["chance_token_recovery"] + 0.02
+        assert schemes[scheme]["traffic"]["pad_reuse_pairs"] == 0 and schemes[scheme]["traffic"]["min_uniformity_p"] > 1e-4
+        assert schemes[scheme]["adapter"]["found"] == 0 and schemes[scheme]["adapter"]["held_by"] == ["enclave"]
+    assert schemes["hardened"]["tampering"]["detection_rate"] == 1.0 and schemes["hardened"]["tampering"]["false_alarms"] == 0
+    assert schemes["secureinfer"]["tampering"]["detection_rate"] == 0.0
+    assert security_table(report) in readme.read_text()
