@@ -36,18 +36,10 @@ QUERY_ROWS = 256  # cosine similarities are taken against the whole vocabulary t
 def invert_kv_cache(view: DeviceView, public: Llama) -> ConversationRecovery:
     """Recover every cached token from the final layer-0 keys and values in `view`."""
     clear = view.holds_clear_token_ids()
-    if 0 not in view.kv_layers:
-        reason = (
-            f"the device held the KV cache of layers {view.kv_layers}, not of layer 0"
-            if view.kv_layers
-            else "the device held no KV cache"
-        )
+    if reason := view.kv_unusable(0):
         return ConversationRecovery.nothing("kv_inversion", KV_METHOD, reason, clear)
     check_public_model(view, public)
     keys, values = view.kv_cache()
-    if not keys.is_floating_point():
-        reason = f"the device's KV cache holds {keys.dtype} values, not activations"
-        return ConversationRecovery.nothing("kv_inversion", KV_METHOD, reason, clear)
     positions = view.cache_positions()
     where = positions.clamp(min=0)
     # RoPE rotates each (i, i + head_dim/2) pair by a position's angle; rotating by minus that angle undoes it.

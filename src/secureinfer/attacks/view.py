@@ -159,6 +159,17 @@ class DeviceView:
         state = self.manifest["state"]
         return "kv.k" in state["tensors"] and bool(state["kv_layers"]) and state["kv_positions"] > 0
 
+    def kv_unusable(self, layer: int) -> str | None:
+        """Why the view holds no activations of `layer`'s KV cache for an attack to read; None if it does."""
+        if layer not in self.kv_layers:
+            if self.kv_layers:
+                return f"the device held the KV cache of layers {self.kv_layers}, not of layer {layer}"
+            return "the device held no KV cache"
+        dtype = self.manifest["state"]["tensors"]["kv.k"]["dtype"]
+        if dtype not in ("float32", "float16", "bfloat16", "float64"):
+            return f"the device's KV cache holds {dtype} values, not activations"
+        return None
+
     def kv_cache(self) -> tuple[Tensor, Tensor]:
         """The final cache: keys (after RoPE) and values, each [layers, batch, kv_heads, positions, head_dim]."""
         if not self.has_kv_cache:

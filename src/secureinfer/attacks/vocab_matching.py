@@ -67,18 +67,10 @@ def match_vocabulary(
     )
     method = f"vocabulary matching on the {features} features of layer {layer}'s keys and values; {search}"
     clear = view.holds_clear_token_ids()
-    if layer not in view.kv_layers:
-        reason = (
-            f"the device held the KV cache of layers {view.kv_layers}, not of layer {layer}"
-            if view.kv_layers
-            else "the device held no KV cache"
-        )
+    if reason := view.kv_unusable(layer):
         return ConversationRecovery.nothing("vocab_matching", method, reason, clear)
     check_public_model(view, public)
     keys, values = view.kv_cache()
-    if not keys.is_floating_point():
-        reason = f"the device's KV cache holds {keys.dtype} values, not activations"
-        return ConversationRecovery.nothing("vocab_matching", method, reason, clear)
     positions = view.cache_positions()
     if layer == 0:
         candidates: _Candidates = _Layer0Candidates(public, features, chunk_size, max_candidates)
