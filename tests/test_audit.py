@@ -96,14 +96,12 @@ def test_quick_audit_of_the_real_model(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "security.json").read_text())
     schemes = report["schemes"]
-    assert list(schemes) == ["plain", "plain-int8", "secureinfer", "hardened"]
+    assert list(schemes) == ["plain", "secureinfer", "hardened"]
     assert report["versions"]["git"] and report["config"]["seed"] == 0
 
-    for scheme in ("plain", "plain-int8"):
-        attacks = schemes[scheme]["conversation_attacks"]
-        assert attacks["kv_inversion"]["token_recovery"] >= 0.95, scheme
-        assert attacks["vocab_matching"]["token_recovery"] >= 0.95, scheme
-        assert schemes[scheme]["adapter"]["found"] == schemes[scheme]["adapter"]["tensors"]  # the device holds it
+    attacks = schemes["plain"]["conversation_attacks"]
+    assert attacks["kv_inversion"]["token_recovery"] >= 0.95 and attacks["vocab_matching"]["token_recovery"] >= 0.95
+    assert schemes["plain"]["adapter"]["found"] == schemes["plain"]["adapter"]["tensors"]  # the device holds it
     for scheme in ("secureinfer", "hardened"):
         attacks = schemes[scheme]["conversation_attacks"]
         ran = {name: outcome for name, outcome in attacks.items() if outcome["ran"]}

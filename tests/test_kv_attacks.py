@@ -144,7 +144,10 @@ def test_inversion_reads_every_token_of_a_plain_tiny_view(tiny_plain_view, tiny_
 
 @pytest.mark.parametrize(
     "options",
-    [{"features": "raw"}, {"features": "sorted"}, {"features": "gram"}, {"layer": 1}, {"layer": 1, "features": "gram"}],
+    [
+        {"features": "raw"}, {"features": "sorted"}, {"features": "gram"}, {"layer": 1}, {"layer": 1, "features": "gram"},
+        {"features": "sorted", "max_candidates": 64, "tolerance": 0.0},  # one chunk, never "found": as on int8
+    ],  # fmt: skip
 )
 def test_vocab_matching_reads_every_token_of_a_plain_tiny_view(tiny_plain_view, tiny_public, tiny_truth, options):
     result = match_vocabulary(DeviceView.load(tiny_plain_view), tiny_public, chunk_size=64, **options)

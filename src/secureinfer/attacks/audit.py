@@ -38,8 +38,9 @@ from .victims import Conversation, load_conversations
 from .view import ConversationRecovery, DeviceView
 from .vocab_matching import match_vocabulary
 
-DEFAULT_SCHEMES = ("plain", "plain-int8", "secureinfer", "hardened")
+DEFAULT_SCHEMES = ("plain", "secureinfer", "hardened")  # plain-int8 on request: it leaks as plain does
 TAMPER_PROMPT = "Please summarise my account history."
+SHORTLIST = 256
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,12 @@ ConversationAttack = Callable[[DeviceView, Llama], ConversationRecovery]
 CONVERSATION_ATTACKS: dict[str, ConversationAttack] = {
     "kv_inversion": invert_kv_cache,
     "hidden_state_inversion": invert_hidden_states,
-    "vocab_matching": match_vocabulary,
-    "vocab_matching_sorted": lambda view, public: match_vocabulary(view, public, features="sorted"),
+    # A shortlist of the 256 tokens whose values match best: an int8 device's cache sits ~1% off every fp32
+    # candidate, so without one each position would check all 49k keys (minutes per conversation).
+    "vocab_matching": lambda view, public: match_vocabulary(view, public, max_candidates=SHORTLIST),
+    "vocab_matching_sorted": lambda view, public: match_vocabulary(
+        view, public, features="sorted", max_candidates=SHORTLIST
+    ),
     "blinded_nearest_embedding": _blinded_first_projection,
 }
 

@@ -201,8 +201,9 @@ class _Layer0Candidates:
         scores = norms - 2 * (table @ observed)
         first = scores.topk(min(self.chunk_size, self.max_candidates), largest=False).indices
         yield first  # the full sort is needed only when the first chunk holds no match
-        order = scores.argsort()
-        yield from order[~torch.isin(order, first)][: self.max_candidates - len(first)].split(self.chunk_size)
+        if self.max_candidates > len(first):
+            order = scores.argsort()
+            yield from order[~torch.isin(order, first)][: self.max_candidates - len(first)].split(self.chunk_size)
 
     def kv(self, tokens: Tensor, position: int) -> tuple[Tensor, Tensor]:
         at = torch.full((1, len(tokens)), position)
