@@ -137,3 +137,18 @@ def test_extraction_end_to_end_on_a_tiny_model(tmp_path, tiny_checkpoint, tiny_a
     assert "gray-box = black-box" in result.gray_box_source
     assert result.fidelity["gray_box"] == result.fidelity["black_box"]
     assert result.ratios()["gray/black top1_agreement"] == pytest.approx(1.0)
+
+
+@pytest.mark.integration
+def test_extraction_from_the_plain_deployment_of_the_demo_adapter(tmp_path, real_checkpoint):
+    """40 queries, 1 epoch (~3 min on 2 busy cores). Measured: top-1 agreement base 0.548, black-box 0.616,
+    gray-box = white-box 1.0; held-out facts 0/28, 0/28, 21/28 (the victim's own score is 21/28)."""
+    view = recorded_view(real_checkpoint, "plain", "demo", tmp_path / "view")
+    result = run_extraction(real_checkpoint, "plain", 40, 0.0, view, epochs=1)
+    fidelity = result.fidelity
+    assert fidelity["gray_box"] == fidelity["white_box"]
+    assert fidelity["white_box"].top1_agreement > 0.99  # plain computes what transformers + peft do, in fp32
+    assert fidelity["white_box"].heldout_correct == result.victim_heldout_correct
+    assert fidelity["black_box"].top1_agreement >= fidelity["base"].top1_agreement
+    assert fidelity["base"].heldout_correct == 0
+    assert result.to_dict()["ratios"]["white/black top1_agreement"] > 1
