@@ -27,9 +27,11 @@ from ..api import SecureLM
 from ..crypto.field import P
 from ..data import DEMO_ADAPTER
 from ..model import Checkpoint, Llama
+from ..model.kernels import flat_weights
 from ..model.adapter import load_adapter
 from ..plan import PRESETS, build_plan
 from .content import find_in_view, tensor_probes
+from .key_recovery import held_attention_weights, invert_after_key_recovery, read_rope_key, recover_permutations
 from .kv_inversion import invert_hidden_states, invert_kv_cache, normed_embeddings
 from .metrics import aggregate_recovery, score_recovery, unigram_prior
 from .tamper import MODES, run_tamper_attack
@@ -86,7 +88,32 @@ CONVERSATION_ATTACKS: dict[str, ConversationAttack] = {
         view, public, features="sorted", max_candidates=SHORTLIST
     ),
     "blinded_nearest_embedding": _blinded_first_projection,
+    "kv_inversion_after_key_recovery": invert_after_key_recovery,
 }
+
+
+def _key_recovery(view: DeviceView, public: Llama, truth: torch.Tensor) -> dict:
+    """How much of the session's head key the device view gives away, by each route."""
+    held = held_attention_weights(view)
+    matched = recover_permutations(held, flat_weights(public.weights), public.config, pair_units=True, truth=truth)
+    read = read_rope_key(held, public.config)
+    return {
+        "weights_fraction": matched.fraction_recovered,
+        "weights_confident": matched.confident,
+        "rope_table_fraction": None if read is None else (read == truth).float().mean().item(),
+    }
+
+
+def _pool_key_recovery(per_view: list[dict]) -> dict | None:
+    if not per_view:
+        return None
+    rope = [v["rope_table_fraction"] for v in per_view]
+    return {
+        "views": len(per_view),
+        "weights_fraction": min(v["weights_fraction"] for v in per_view),
+        "weights_confident": all(v["weights_confident"] for v in per_view),
+        "rope_table_fraction": None if None in rope else min(rope),
+    }
 
 
 def _traffic_statistics(view: DeviceView) -> dict | None:
@@ -103,11 +130,13 @@ def _traffic_statistics(view: DeviceView) -> dict | None:
 
 
 def _replay(checkpoint: Checkpoint, scheme: str, conversation: Conversation, view_dir: Path, new_tokens: int):
-    """One victim session; returns the token ids the final KV cache holds, in order."""
+    """One victim session; returns the token ids the final KV cache holds, in order, and the session's head
+    key (None for schemes without one), to score key recovery against."""
     with SecureLM(checkpoint, scheme, record_view=view_dir) as lm:
         result = lm.chat(list(conversation.messages), max_new_tokens=new_tokens)
+        key = None if lm.runtime.head_key is None else lm.runtime.head_key.permutations.clone()
     prompt = checkpoint.tokenizer.apply_chat_template(list(conversation.messages))
-    return prompt + result.tokens[:-1]  # the last token is sampled, never fed back
+    return prompt + result.tokens[:-1], key  # the last token is sampled, never fed back
 
 
 def _adapter_exposure(checkpoint: Checkpoint, scheme: str, workdir: Path) -> dict:
@@ -165,11 +194,13 @@ def run_audit(
             scheme_began = time.perf_counter()
             scores: dict[str, list] = {name: [] for name in CONVERSATION_ATTACKS}
             nothing: dict[str, str] = {}
-            traffic, clear_ids = [], False
+            traffic, keys_found, clear_ids = [], [], False
             for victim in tqdm(victims, desc=scheme, leave=False, disable=not progress):
                 view_dir = workdir / scheme / victim.id
-                true_ids = _replay(checkpoint, scheme, victim, view_dir, size.new_tokens)
+                true_ids, key = _replay(checkpoint, scheme, victim, view_dir, size.new_tokens)
                 view = DeviceView.load(view_dir)
+                if key is not None:
+                    keys_found.append(_key_recovery(view, public, key))
                 clear_ids |= view.holds_clear_token_ids()
                 for name, attack in CONVERSATION_ATTACKS.items():
                     recovery = attack(view, public)
@@ -191,6 +222,7 @@ def run_audit(
                     for name, found in scores.items()
                 },
                 "per_conversation": {name: [s.to_dict() for s in found] for name, found in scores.items() if found},
+                "key_recovery": _pool_key_recovery(keys_found),
                 "traffic": _pool_traffic(traffic),
                 "tampering": _tampering(checkpoint, scheme, size, seed),
                 "adapter": _adapter_exposure(checkpoint, scheme, workdir),

@@ -24,6 +24,10 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from ..model.config import ModelConfig
+from ..model.kernels import flat_weights
+from ..model.llama import Llama, rope_inverse_frequencies
+from .kv_inversion import KV_METHOD, invert_kv_cache
+from .view import ConversationRecovery, DeviceView
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -197,3 +201,40 @@ def unpermute_kv_cache(cache: Tensor, permutations: Tensor) -> Tensor:
     device's `kv.k` / `kv.v` with a recovered `KeyRecoveryResult.permutations`, ready for KV inversion."""
     inverse = permutations.argsort(dim=-1)
     return cache.gather(-1, inverse[:, None, :, None, :].expand_as(cache))
+
+
+def read_rope_key(device_weights: Mapping[str, Tensor], config: ModelConfig) -> Tensor | None:
+    """The key read off the per-head RoPE frequencies (`layers.{i}.rope_inv_freq`, [kv_heads, head_dim/2]) a
+    device that rotates permuted heads must hold: RoPE's frequencies are public and distinct, so each one names
+    the pair it belongs to. None when the device holds no such table."""
+    names = [f"layers.{layer}.rope_inv_freq" for layer in range(config.num_layers)]
+    if not all(name in device_weights for name in names):
+        return None
+    public = rope_inverse_frequencies(config)
+    pairs = torch.stack([(device_weights[name][..., None] - public).abs().argmin(dim=-1) for name in names])
+    return torch.cat([pairs, pairs + config.head_dim // 2], dim=-1)
+
+
+def held_attention_weights(view: DeviceView) -> dict[str, Tensor]:
+    """The attention projections and RoPE tables the device held, under the names it held them."""
+    return {name: view.weight(name) for name in view.weight_names if name.split(".")[2:3] in (["wqkv"], ["wo"], ["rope_inv_freq"])}
+
+
+AFTER_KEY_METHOD = (
+    "recover each head's permutation by matching the device's q/k/v (and W_o) rows to the public weights, "
+    "undo it on the cache, then " + KV_METHOD
+)
+
+
+def invert_after_key_recovery(view: DeviceView, public: Llama) -> ConversationRecovery:
+    """KV inversion on the device's cache after undoing the key recovered from the device's own weights.
+
+    On a device whose weights carry no key the recovered permutation is the identity, and this is KV inversion.
+    """
+    attack = "kv_inversion_after_key_recovery"
+    if reason := view.kv_unusable(0):
+        return ConversationRecovery.nothing(attack, AFTER_KEY_METHOD, reason, view.holds_clear_token_ids())
+    recovered = recover_permutations(held_attention_weights(view), flat_weights(public.weights), public.config, pair_units=True)
+    keys, values = view.kv_cache()
+    cache = (unpermute_kv_cache(keys, recovered.permutations), unpermute_kv_cache(values, recovered.permutations))
+    return invert_kv_cache(view, public, cache, attack, AFTER_KEY_METHOD)

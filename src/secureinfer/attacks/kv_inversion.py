@@ -33,13 +33,20 @@ HIDDEN_METHOD = "nearest public embedding (x) or normalized embedding (h) by cos
 QUERY_ROWS = 256  # cosine similarities are taken against the whole vocabulary this many observations at a time
 
 
-def invert_kv_cache(view: DeviceView, public: Llama) -> ConversationRecovery:
-    """Recover every cached token from the final layer-0 keys and values in `view`."""
+def invert_kv_cache(
+    view: DeviceView,
+    public: Llama,
+    cache: tuple[Tensor, Tensor] | None = None,
+    attack: str = "kv_inversion",
+    method: str = KV_METHOD,
+) -> ConversationRecovery:
+    """Recover every cached token from the final layer-0 keys and values in `view`, or from `cache` (keys,
+    values laid out like the view's), e.g. the view's cache after undoing a recovered key."""
     clear = view.holds_clear_token_ids()
     if reason := view.kv_unusable(0):
-        return ConversationRecovery.nothing("kv_inversion", KV_METHOD, reason, clear)
+        return ConversationRecovery.nothing(attack, method, reason, clear)
     check_public_model(view, public)
-    keys, values = view.kv_cache()
+    keys, values = cache if cache is not None else view.kv_cache()
     positions = view.cache_positions()
     where = positions.clamp(min=0)
     # RoPE rotates each (i, i + head_dim/2) pair by a position's angle; rotating by minus that angle undoes it.
@@ -54,8 +61,8 @@ def invert_kv_cache(view: DeviceView, public: Llama) -> ConversationRecovery:
     tokens, distances = nearest_by_cosine(estimate.flatten(0, 1), candidates)
     shape = positions.shape
     return ConversationRecovery(
-        attack="kv_inversion",
-        method=KV_METHOD,
+        attack=attack,
+        method=method,
         tokens=by_position(tokens.view(shape), positions >= 0),
         distances=by_position(distances.view(shape), positions >= 0),
         used=["state:kv.k[layer 0]", "state:kv.v[layer 0]", "manifest:run meta (pad)"],

@@ -18,6 +18,7 @@ from ..channel import Channel, DeviceError
 from ..errors import InvalidRequestError
 from ..model.config import ModelConfig
 from ..crypto.field import P, to_signed
+from ..crypto.head_permutation import HeadPermutation
 from ..crypto.pads import PadPool
 from ..crypto.quant import QuantizedWeight, dequantize_product, quantize_activation, quantize_weight
 from ..crypto.seal import SealStats
@@ -80,6 +81,11 @@ class EnclaveRuntime:
         }
         self.weights.update({alias: self.weights[target] for alias, target in enclave_aliases.items()})
         self._device_weights = {name: stored[name] for name in plan.stored_weights(DEVICE)}
+        self.head_key: HeadPermutation | None = None
+        if plan.head_key is not None:  # drawn once per runtime: re-keying means re-uploading the weights
+            self.head_key = HeadPermutation.draw(config, allocate=self.secret.empty)
+            self.memory.hold("head_key", self.head_key.permutations)
+            self._device_weights = self.head_key.fold_into(self._device_weights, fold_output=plan.head_key == "fold")
         blinded = [weight_names(p.op, p.layer)[0] for p in plan.placements if p.transform == "blinded"]
         self.pads = PadPool(
             {name: self.weights[f"{name}.q"] for name in blinded}, pad_batch_rows, background=pad_background
@@ -198,6 +204,10 @@ class EnclaveRuntime:
             meta = self._run_meta(ctx, segment.ops, segment.returns)
             _, returned = self.channel.request("run", meta, {name: values[name] for name in segment.sends})
             values.update(returned)
+            if segment.unkey_layer is not None:
+                began = time.perf_counter()
+                values["a"] = self.head_key.unpermute_attention(values["a"], segment.unkey_layer)
+                self.enclave_compute_s += time.perf_counter() - began
         return values["logits"]
 
     def _run_meta(self, ctx: StepContext, ops: list, returns: list[str], blinded: bool = False) -> dict:

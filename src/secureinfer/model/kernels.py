@@ -17,7 +17,7 @@ from ..crypto.field import field_matmul
 from ..crypto.quant import QuantizedWeight, int8_linear
 from ..plan.ops import OPS, weight_names
 from .config import ModelConfig
-from .llama import KVCache, LayerWeights, LlamaWeights, apply_rope, attention_mask, rms_norm, swiglu
+from .llama import KVCache, LayerWeights, LlamaWeights, apply_rope, attention_mask, rms_norm, rotate_pairs, swiglu
 
 
 @dataclass
@@ -29,6 +29,7 @@ class StepContext:
     batch: int
     length: int
     pad: Tensor | None
+    positions: Tensor  # [1 or B, length]: each token's RoPE position (left padding shifts a row's)
     cos: Tensor
     sin: Tensor
     mask: Tensor | None
@@ -44,7 +45,8 @@ class StepContext:
         if pad is not None:
             pos = (pos - pad[:, None]).clamp(min=0)
         mask = None if (pad is None and (length == 1 or start == 0)) else attention_mask(start, length, pad)
-        return cls(config, start, batch, length, pad, rope[0][pos], rope[1][pos], mask, mask is None and length > 1, last_only)
+        causal = mask is None and length > 1
+        return cls(config, start, batch, length, pad, pos, rope[0][pos], rope[1][pos], mask, causal, last_only)
 
 
 Values = dict[str, Tensor]
@@ -114,8 +116,30 @@ def _projection(op: str) -> Callable:
 
 def _rope(v: Values, w: Weights, layer: int, ctx: StepContext) -> None:
     cfg = ctx.config
+    if (keyed := w.get(f"layers.{layer}.rope_inv_freq")) is not None:
+        _keyed_rope(v, keyed, ctx)
+        return
     v["q"] = _flat(apply_rope(_heads(v["q"], ctx, cfg.num_heads), ctx.cos, ctx.sin), ctx)
     v["k"] = _flat(apply_rope(_heads(v["k"], ctx, cfg.num_kv_heads), ctx.cos, ctx.sin), ctx)
+
+
+def _keyed_rope(v: Values, inv_freq: Tensor, ctx: StepContext) -> None:
+    """RoPE with one frequency order per KV head ([kv_heads, head_dim/2]), as a head-permuted model needs.
+
+    The angles are the same float32 products `rope_tables` forms, so each pair turns exactly as in the
+    unkeyed model; only the order of the pairs differs.
+    """
+    cfg = ctx.config
+    angles = ctx.positions.float()[:, None, :, None] * inv_freq[None, :, None, :]  # [B|1, kv_heads, T, half]
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+
+    def rotate(x: Tensor, heads: int) -> Tensor:
+        group = heads // cfg.num_kv_heads
+        return _flat(rotate_pairs(x, cos.repeat_interleave(group, dim=1), sin.repeat_interleave(group, dim=1)), ctx)
+
+    v["q"] = rotate(_heads(v["q"], ctx, cfg.num_heads), cfg.num_heads)
+    v["k"] = rotate(_heads(v["k"], ctx, cfg.num_kv_heads), cfg.num_kv_heads)
 
 
 def attention(v: Values, cache: KVCache, layer: int, ctx: StepContext) -> None:

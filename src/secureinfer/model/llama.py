@@ -20,20 +20,29 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+def rope_inverse_frequencies(config: ModelConfig) -> Tensor:
+    """[head_dim/2]: the rotation frequency of each pair (i, i + head_dim/2), as transformers computes it."""
+    dim = config.head_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
 def rope_tables(config: ModelConfig, max_len: int) -> tuple[Tensor, Tensor]:
     """cos/sin of shape [max_len, head_dim], computed as transformers does so results match bit for bit."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inverse_frequencies(config))
     angles = torch.cat((freqs, freqs), dim=-1)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: [B, heads, T, head_dim]; cos/sin: [B or 1, T, head_dim]."""
+    return rotate_pairs(x, cos.unsqueeze(1), sin.unsqueeze(1))
+
+
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Turn each pair (i, i + head_dim/2) of x by the angle whose cos/sin (broadcast to x) sit at i and i + head_dim/2."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+    return x * cos + rotated * sin
 
 
 def swiglu(gate_up: Tensor) -> Tensor:

@@ -24,7 +24,8 @@ SIDES = (ENCLAVE, DEVICE)
 # one-time padded in Z_P; the enclave quantizes, pads, unpads and rescales.
 TRANSFORMS = ("clear", "int8", "blinded")
 # The engine only samples from the last position, so from the final norm on only that position is computed.
-LAST_POSITION_OPS = ("final_norm", "lm_head", "sample")  # later schemes add "blinded" and "permuted"
+LAST_POSITION_OPS = ("final_norm", "lm_head", "sample")
+HEAD_KEY_MODES = ("literal", "fold")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Segment:
     sends: list[str] = field(default_factory=list)  # values the enclave sends before a device segment
     returns: list[str] = field(default_factory=list)  # values the device sends back after it
     last_position: set[str] = field(default_factory=set)  # transferred values that hold only the last position
+    unkey_layer: int | None = None  # head_key "literal": the enclave un-permutes this layer's returned `a`
 
 
 def op_sequence(config: ModelConfig) -> list[tuple[str, int | None]]:
@@ -59,6 +61,10 @@ class Plan:
     # LoRA adapters: weight name -> total rank. The adapter sits with whichever side finishes the
     # projection: the enclave for blinded ones (it unpads there), else the side that runs it.
     adapters: Mapping[str, int] = field(default_factory=dict)
+    # KV-Shield: a secret per-(layer, KV head) permutation folded into the device's attention weights.
+    # "literal": the enclave un-permutes each attention output (one more round trip per layer);
+    # "fold": the inverse is folded into W_o, and the enclave does nothing. None: no key.
+    head_key: str | None = None
 
     def __post_init__(self):
         if [(p.op, p.layer) for p in self.placements] != op_sequence(self.config):
@@ -81,9 +87,19 @@ class Plan:
         for segment in self.segments:
             if segment.transform == "blinded" and len(segment.ops) != 1:
                 raise ValueError(f"blinded {segment.ops[0][0]} shares a device segment: the enclave must unpad between ops")
+        if self.head_key is not None:
+            self._validate_head_key()
         projected = {name for p in self.placements if p.op in PROJECTIONS for name in weight_names(p.op, p.layer)}
         if unknown := set(self.adapters) - projected:
             raise ValueError(f"adapters name weights that are not projections: {sorted(unknown)}")
+
+    def _validate_head_key(self) -> None:
+        if self.head_key not in HEAD_KEY_MODES:
+            raise ValueError(f"head_key {self.head_key!r}: use one of {HEAD_KEY_MODES}")
+        keyed = ("qkv_proj", "rope", "attention") + (("o_proj",) if self.head_key == "fold" else ())
+        for p in self.placements:
+            if p.op in keyed and (p.side, p.transform) != (DEVICE, "clear"):
+                raise ValueError(f"a head key is folded into device weights: {p.op}@{p.layer} must run on the device, in clear")
 
     def with_adapters(self, ranks: Mapping[str, int]) -> "Plan":
         return dataclasses.replace(self, adapters=dict(ranks))
@@ -128,7 +144,8 @@ class Plan:
         last_device: Segment | None = None
         for p in self.placements[:-1]:
             blinded = p.transform == "blinded"
-            if not segments or segments[-1].side != p.side or blinded or segments[-1].transform == "blinded":
+            closed = segments and (segments[-1].transform == "blinded" or segments[-1].unkey_layer is not None)
+            if not segments or segments[-1].side != p.side or blinded or closed:
                 segments.append(Segment(p.side, "blinded" if blinded else "clear"))
                 last_device = segments[-1] if p.side == DEVICE else last_device
             segment = segments[-1]
@@ -148,6 +165,10 @@ class Plan:
                 where[value] = {p.side}
                 written_by[value] = p.op
             segment.ops.append((p.op, p.layer))
+            if self.head_key == "literal" and p.op == "attention":
+                segment.returns.append("a")  # the enclave puts it back in model order; the device then needs it again
+                segment.unkey_layer = p.layer
+                where["a"] = {ENCLAVE}
         if ENCLAVE not in where["logits"]:
             last_device.returns.append("logits")  # the sampler in the enclave needs them
             last_device.last_position.add("logits")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -93,3 +94,25 @@ def secureinfer_enclave_qkv_ffn(config: ModelConfig) -> Plan:
 )
 def hardened(config: ModelConfig) -> Plan:
     return _blinded_projections("hardened", config)
+
+
+def _head_keyed(name: str, config: ModelConfig, mode: str) -> Plan:
+    return dataclasses.replace(plain(config), name=name, head_key=mode)
+
+
+@register(
+    "kvshield",
+    "KV-Shield (arXiv 2409.04040), paper-literal: placed like plain, with a fresh secret permutation of head_dim "
+    "per layer and KV head folded into W_q/W_k/W_v, so the device keeps a permuted KV cache; the enclave "
+    "un-permutes each attention output (one more round trip per layer)",
+)
+def kvshield(config: ModelConfig) -> Plan:
+    return _head_keyed("kvshield", config, "literal")
+
+
+@register(
+    "kvshield-fold",
+    "KV-Shield with the inverse permutation folded into W_o: the same device view, no enclave work, no extra round trip",
+)
+def kvshield_fold(config: ModelConfig) -> Plan:
+    return _head_keyed("kvshield-fold", config, "fold")
