@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import secureinfer
 from secureinfer.attacks.traffic import regression_r_squared, uniformity_p_value
-from secureinfer.crypto.field import MAX_INNER_DIM, P, field_matmul, to_signed
+from secureinfer.crypto.field import BACKENDS, MAX_INNER_DIM, P, fastest_backend, field_matmul, to_signed
 from secureinfer.crypto.pads import PadPool, uniform_field
 from secureinfer.crypto.quant import int8_linear, quantize_activation, quantize_weight
 from secureinfer.model import load_checkpoint
@@ -20,15 +20,21 @@ from secureinfer.model import load_checkpoint
 PROMPTS = ["the cat and the dog", "once upon a time in a land", "is it on"]
 
 
-def test_field_product_is_exact_at_the_extremes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_field_product_is_exact_at_the_extremes(backend):
     rng = random.Random(0)
-    rows = [[P - 1] * MAX_INNER_DIM, [rng.randrange(P) for _ in range(MAX_INNER_DIM)]]
-    weight = torch.tensor([[rng.choice((-127, 127, rng.randrange(-127, 128))) for _ in range(3)] for _ in range(MAX_INNER_DIM)], dtype=torch.int8)
-    got = field_matmul(torch.tensor(rows), weight)
-    expected = [[sum(x * int(weight[k, j]) for k, x in enumerate(row)) % P for j in range(3)] for row in rows]
+    # 2^30 - 1 fills every 6- and 7-bit limb below the top one; the last weight column sums them all with one sign.
+    rows = [[P - 1] * MAX_INNER_DIM, [2**30 - 1] * MAX_INNER_DIM, [rng.randrange(P) for _ in range(MAX_INNER_DIM)]]
+    weight = torch.tensor([[rng.choice((-127, 127, rng.randrange(-127, 128))) for _ in range(3)] + [-127] for _ in range(MAX_INNER_DIM)], dtype=torch.int8)
+    got = field_matmul(torch.tensor(rows), weight, backend)
+    expected = [[sum(x * int(weight[k, j]) for k, x in enumerate(row)) % P for j in range(4)] for row in rows]
     assert got.tolist() == expected
     with pytest.raises(ValueError, match="exceeds"):
         field_matmul(torch.zeros(1, MAX_INNER_DIM + 1, dtype=torch.int64), torch.zeros(MAX_INNER_DIM + 1, 1, dtype=torch.int8))
+
+
+def test_the_default_backend_is_one_of_the_exact_ones():
+    assert fastest_backend() in BACKENDS
 
 
 def test_signed_results_round_trip_through_the_field():
