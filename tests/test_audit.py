@@ -96,12 +96,23 @@ def test_quick_audit_of_the_real_model(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "security.json").read_text())
     schemes = report["schemes"]
-    assert list(schemes) == ["plain", "secureinfer", "hardened"]
+    assert list(schemes) == ["plain", "kvshield", "kvmix", "secureinfer", "hardened"]
     assert report["versions"]["git"] and report["config"]["seed"] == 0
 
     attacks = schemes["plain"]["conversation_attacks"]
     assert attacks["kv_inversion"]["token_recovery"] >= 0.95 and attacks["vocab_matching"]["token_recovery"] >= 0.95
     assert schemes["plain"]["adapter"]["found"] == schemes["plain"]["adapter"]["tensors"]  # the device holds it
+    # kvshield: the permutation stops plain KV inversion, not key recovery or sorted values, and the key is in
+    # the device's RoPE table. kvmix: the KV attacks fail, the attention scores give the tokens away.
+    attacks = schemes["kvshield"]["conversation_attacks"]
+    assert attacks["kv_inversion"]["token_recovery"] < 0.1
+    for name in ("kv_inversion_after_key_recovery", "vocab_matching_sorted", "hidden_state_inversion"):
+        assert attacks[name]["token_recovery"] >= 0.95, name
+    assert schemes["kvshield"]["key_recovery"]["weights_fraction"] == schemes["kvshield"]["key_recovery"]["rope_table_fraction"] == 1.0
+    attacks = schemes["kvmix"]["conversation_attacks"]
+    for name in ("kv_inversion", "kv_inversion_after_key_recovery", "vocab_matching", "vocab_matching_sorted"):
+        assert attacks[name]["token_recovery"] <= attacks[name]["chance_token_recovery"] + 0.02, name
+    assert not attacks["hidden_state_inversion"]["ran"] and attacks["attention_score_matching"]["token_recovery"] >= 0.95
     for scheme in ("secureinfer", "hardened"):
         attacks = schemes[scheme]["conversation_attacks"]
         ran = {name: outcome for name, outcome in attacks.items() if outcome["ran"]}

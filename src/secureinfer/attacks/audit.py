@@ -27,20 +27,22 @@ from ..api import SecureLM
 from ..crypto.field import P
 from ..data import DEMO_ADAPTER
 from ..model import Checkpoint, Llama
-from ..model.kernels import flat_weights
 from ..model.adapter import load_adapter
+from ..model.kernels import flat_weights
 from ..plan import PRESETS, build_plan
 from .content import find_in_view, tensor_probes
 from .key_recovery import held_attention_weights, invert_after_key_recovery, read_rope_key, recover_permutations
 from .kv_inversion import invert_hidden_states, invert_kv_cache, normed_embeddings
 from .metrics import aggregate_recovery, score_recovery, unigram_prior
+from .score_matching import match_attention_scores
 from .tamper import MODES, run_tamper_attack
 from .traffic import nearest_embedding_tokens, pad_reuse_pairs, uniformity_p_value
 from .victims import Conversation, load_conversations
 from .view import ConversationRecovery, DeviceView
 from .vocab_matching import match_vocabulary
 
-DEFAULT_SCHEMES = ("plain", "secureinfer", "hardened")  # plain-int8 on request: it leaks as plain does
+# plain-int8 on request: it leaks as plain does; kvshield-fold too: its view differs from kvshield's only in W_o.
+DEFAULT_SCHEMES = ("plain", "kvshield", "kvmix", "secureinfer", "hardened")
 TAMPER_PROMPT = "Please summarise my account history."
 SHORTLIST = 256
 
@@ -89,6 +91,7 @@ CONVERSATION_ATTACKS: dict[str, ConversationAttack] = {
     ),
     "blinded_nearest_embedding": _blinded_first_projection,
     "kv_inversion_after_key_recovery": invert_after_key_recovery,
+    "attention_score_matching": match_attention_scores,
 }
 
 

@@ -251,7 +251,7 @@ class _PrefixCandidates:
         sees = torch.cat([torch.ones(count, position, dtype=torch.bool), torch.eye(count, dtype=torch.bool)], dim=1)
         at = torch.full((1, count), position)
         ctx = StepContext(
-            cfg, position, 1, count, None, self.public.rope_cos[at], self.public.rope_sin[at],
+            cfg, position, 1, count, None, at, self.public.rope_cos[at], self.public.rope_sin[at],
             sees[None, None], False, True,
         )  # fmt: skip
         values = {"tokens": tokens[None]}

@@ -27,7 +27,10 @@ from ..model import Checkpoint, Llama, load_checkpoint
 BENCH_MESSAGES = [{"role": "user", "content": "Explain in detail how a steam engine works, step by step."}]
 DECODE_TARGET, DECODE_STRETCH, SECOND_LOAD_LIMIT_S = 1.0, 1.5, 2.0
 ENGINE, TRANSFORMERS = "engine (in-process)", "transformers generate"
-DEFAULT_SCHEMES = ("plain", "enclave", "plain-int8", "secureinfer", "secureinfer-enclave-qkv-ffn", "hardened")
+DEFAULT_SCHEMES = (
+    "plain", "enclave", "plain-int8", "kvshield", "kvshield-fold", "kvmix", "secureinfer", "secureinfer-enclave-qkv-ffn",
+    "hardened",
+)
 
 
 @dataclass

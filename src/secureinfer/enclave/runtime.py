@@ -19,6 +19,7 @@ from ..errors import InvalidRequestError
 from ..model.config import ModelConfig
 from ..crypto.field import P, to_signed
 from ..crypto.head_permutation import HeadPermutation
+from ..crypto.kv_mixing import KVMixing
 from ..crypto.pads import PadPool
 from ..crypto.quant import QuantizedWeight, dequantize_product, quantize_activation, quantize_weight
 from ..crypto.seal import SealStats
@@ -82,7 +83,11 @@ class EnclaveRuntime:
         self.weights.update({alias: self.weights[target] for alias, target in enclave_aliases.items()})
         self._device_weights = {name: stored[name] for name in plan.stored_weights(DEVICE)}
         self.head_key: HeadPermutation | None = None
-        if plan.head_key is not None:  # drawn once per runtime: re-keying means re-uploading the weights
+        self.kv_mixing: KVMixing | None = None
+        if plan.head_key == "mixed":
+            self.kv_mixing = KVMixing(config, allocate=self.secret.empty)
+            self.memory.observe("kv_mixing", self.kv_mixing.nbytes)
+        elif plan.head_key is not None:  # drawn once per runtime: re-keying means re-uploading the weights
             self.head_key = HeadPermutation.draw(config, allocate=self.secret.empty)
             self.memory.hold("head_key", self.head_key.permutations)
             self._device_weights = self.head_key.fold_into(self._device_weights, fold_output=plan.head_key == "fold")
@@ -201,12 +206,20 @@ class EnclaveRuntime:
                 self.enclave_compute_s += time.perf_counter() - began
                 self.memory.observe("activations", sum(v.numel() * v.element_size() for v in values.values()))
                 continue
-            meta = self._run_meta(ctx, segment.ops, segment.returns)
-            _, returned = self.channel.request("run", meta, {name: values[name] for name in segment.sends})
-            values.update(returned)
-            if segment.unkey_layer is not None:
+            sends = {name: values[name] for name in segment.sends}
+            layer = segment.keyed_attention
+            if self.kv_mixing is not None and layer is not None:
                 began = time.perf_counter()
-                values["a"] = self.head_key.unpermute_attention(values["a"], segment.unkey_layer)
+                sends["q"], sends["k"], sends["v"] = self.kv_mixing.mix(values["q"], values["k"], values["v"], layer)
+                self.enclave_compute_s += time.perf_counter() - began
+            _, returned = self.channel.request("run", self._run_meta(ctx, segment.ops, segment.returns), sends)
+            values.update(returned)
+            if layer is not None:
+                began = time.perf_counter()
+                if self.kv_mixing is not None:
+                    values["a"] = self.kv_mixing.unmix_attention(values["a"], layer)
+                else:
+                    values["a"] = self.head_key.unpermute_attention(values["a"], layer)
                 self.enclave_compute_s += time.perf_counter() - began
         return values["logits"]
 

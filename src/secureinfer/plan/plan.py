@@ -25,7 +25,7 @@ SIDES = (ENCLAVE, DEVICE)
 TRANSFORMS = ("clear", "int8", "blinded")
 # The engine only samples from the last position, so from the final norm on only that position is computed.
 LAST_POSITION_OPS = ("final_norm", "lm_head", "sample")
-HEAD_KEY_MODES = ("literal", "fold")
+HEAD_KEY_MODES = ("literal", "fold", "mixed")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Segment:
     sends: list[str] = field(default_factory=list)  # values the enclave sends before a device segment
     returns: list[str] = field(default_factory=list)  # values the device sends back after it
     last_position: set[str] = field(default_factory=set)  # transferred values that hold only the last position
-    unkey_layer: int | None = None  # head_key "literal": the enclave un-permutes this layer's returned `a`
+    keyed_attention: int | None = None  # head_key literal/mixed: the layer whose attention output the enclave un-keys
 
 
 def op_sequence(config: ModelConfig) -> list[tuple[str, int | None]]:
@@ -61,9 +61,11 @@ class Plan:
     # LoRA adapters: weight name -> total rank. The adapter sits with whichever side finishes the
     # projection: the enclave for blinded ones (it unpads there), else the side that runs it.
     adapters: Mapping[str, int] = field(default_factory=dict)
-    # KV-Shield: a secret per-(layer, KV head) permutation folded into the device's attention weights.
-    # "literal": the enclave un-permutes each attention output (one more round trip per layer);
-    # "fold": the inverse is folded into W_o, and the enclave does nothing. None: no key.
+    # A secret per-(layer, KV head) key on what the device's attention sees. KV-Shield permutes head_dim in
+    # the device's attention weights: "literal", the enclave un-permutes each attention output (one more
+    # round trip per layer); "fold", the inverse is folded into W_o and the enclave does nothing. "mixed"
+    # (ours): the enclave mixes q/k/v by secret matrices before the device's attention, and unmixes its
+    # output (crypto/kv_mixing.py). None: no key.
     head_key: str | None = None
 
     def __post_init__(self):
@@ -96,8 +98,14 @@ class Plan:
     def _validate_head_key(self) -> None:
         if self.head_key not in HEAD_KEY_MODES:
             raise ValueError(f"head_key {self.head_key!r}: use one of {HEAD_KEY_MODES}")
-        keyed = ("qkv_proj", "rope", "attention") + (("o_proj",) if self.head_key == "fold" else ())
         for p in self.placements:
+            if p.op == "attention" and (p.side, p.transform) != (DEVICE, "clear"):
+                raise ValueError(f"a head key protects the device's attention: attention@{p.layer} must run there")
+            if self.head_key == "mixed":
+                if (p.op == "rope" and p.side != ENCLAVE) or (p.op == "qkv_proj" and p.side == DEVICE and p.transform != "blinded"):
+                    raise ValueError(f"mixed keys are applied in the enclave: {p.op}@{p.layer} must leave q, k, v there")
+                continue
+            keyed = ("qkv_proj", "rope") + (("o_proj",) if self.head_key == "fold" else ())
             if p.op in keyed and (p.side, p.transform) != (DEVICE, "clear"):
                 raise ValueError(f"a head key is folded into device weights: {p.op}@{p.layer} must run on the device, in clear")
 
@@ -144,7 +152,7 @@ class Plan:
         last_device: Segment | None = None
         for p in self.placements[:-1]:
             blinded = p.transform == "blinded"
-            closed = segments and (segments[-1].transform == "blinded" or segments[-1].unkey_layer is not None)
+            closed = segments and (segments[-1].transform == "blinded" or segments[-1].keyed_attention is not None)
             if not segments or segments[-1].side != p.side or blinded or closed:
                 segments.append(Segment(p.side, "blinded" if blinded else "clear"))
                 last_device = segments[-1] if p.side == DEVICE else last_device
@@ -165,9 +173,9 @@ class Plan:
                 where[value] = {p.side}
                 written_by[value] = p.op
             segment.ops.append((p.op, p.layer))
-            if self.head_key == "literal" and p.op == "attention":
+            if self.head_key in ("literal", "mixed") and p.op == "attention":
                 segment.returns.append("a")  # the enclave puts it back in model order; the device then needs it again
-                segment.unkey_layer = p.layer
+                segment.keyed_attention = p.layer
                 where["a"] = {ENCLAVE}
         if ENCLAVE not in where["logits"]:
             last_device.returns.append("logits")  # the sampler in the enclave needs them
@@ -218,10 +226,10 @@ class Plan:
         ]
 
 
-def uniform_plan(name: str, config: ModelConfig, side_of_op) -> Plan:
+def uniform_plan(name: str, config: ModelConfig, side_of_op, head_key: str | None = None) -> Plan:
     """A plan whose placement depends only on the op kind: `side_of_op(op) -> (side, transform)`."""
     placements = []
     for op, layer in op_sequence(config):
         side, transform = side_of_op(op)
         placements.append(Placement(op, layer, side, transform))
-    return Plan(name, config, tuple(placements))
+    return Plan(name, config, tuple(placements), head_key=head_key)

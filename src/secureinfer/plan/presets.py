@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -39,7 +38,11 @@ def build_plan(name: str, config: ModelConfig) -> Plan:
 
 @register("plain", "GPU-only baseline: every model op on the device, in clear; sampling in the enclave")
 def plain(config: ModelConfig) -> Plan:
-    return uniform_plan("plain", config, lambda op: (ENCLAVE if op == "sample" else DEVICE, "clear"))
+    return uniform_plan("plain", config, _all_on_the_device)
+
+
+def _all_on_the_device(op: str) -> tuple[str, str]:
+    return (ENCLAVE if op == "sample" else DEVICE, "clear")
 
 
 @register("enclave", "TEE-only baseline: every op in the enclave; the device holds and sees nothing")
@@ -97,7 +100,7 @@ def hardened(config: ModelConfig) -> Plan:
 
 
 def _head_keyed(name: str, config: ModelConfig, mode: str) -> Plan:
-    return dataclasses.replace(plain(config), name=name, head_key=mode)
+    return uniform_plan(name, config, _all_on_the_device, head_key=mode)
 
 
 @register(
@@ -116,3 +119,16 @@ def kvshield(config: ModelConfig) -> Plan:
 )
 def kvshield_fold(config: ModelConfig) -> Plan:
     return _head_keyed("kvshield-fold", config, "fold")
+
+
+@register(
+    "kvmix",
+    "ours: secureinfer with the KV cache and attention on the device, over queries, keys and values mixed by "
+    "secret invertible matrices per layer and KV head (RoPE and the mixing in the enclave; the enclave unmixes "
+    "the attention output); the device sees attention scores",
+)
+def kvmix(config: ModelConfig) -> Plan:
+    def place(op: str) -> tuple[str, str]:
+        return (DEVICE, "blinded") if op in PROJECTIONS else (DEVICE if op == "attention" else ENCLAVE, "clear")
+
+    return uniform_plan("kvmix", config, place, head_key="mixed")
