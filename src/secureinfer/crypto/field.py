@@ -47,7 +47,8 @@ def _limb_products(rows: Tensor, weight_t: Tensor, backend: str) -> tuple[Tensor
 
 
 def field_matmul(values: Tensor, weight_t: Tensor, backend: str | None = None) -> Tensor:
-    """(values @ weight_t) mod P, exact. values: int64 [n, d] in [0, P); weight_t: int8 [d, out].
+    """(values @ weight_t) mod P, exact. values: int64 [n, d] in [0, P); weight_t: int8 [d, out] (or, for the
+    float32 route, its float32 copy, which a caller that multiplies by it often keeps to save the conversion).
 
     `backend`: "int8" (torch._int_mm, reads 1 byte per weight) or "float32" (an ordinary GEMM on a float copy
     of the weight); both are exact. By default the faster on this CPU: `_int_mm` has a fast kernel only where

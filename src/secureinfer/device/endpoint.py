@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..channel.wire import ERROR, OK, Tensors
+from ..crypto.field import fastest_backend
 from ..errors import SecureInferError
 from ..model.config import ModelConfig
 from ..model.kernels import KERNELS, StepContext, blinded_product, run_ops
@@ -63,6 +64,10 @@ class DeviceEndpoint:
         self.config: ModelConfig | None = None
         self.rope: tuple[Tensor, Tensor] | None = None
         self.weights: Tensors = {}
+        # What the kernels read: the weights as held, except that an int8 weight the field product reads is
+        # replaced by a float32 copy where that product runs as a float GEMM (crypto/field.py): converting
+        # every weight on every call would cost more than the product itself.
+        self.compute_weights: Tensors = {}
         self.aliases: dict[str, str] = {}  # alias -> the name it shares a tensor with (tied embeddings)
         self.cache: KVCache | None = None
         self.cache_layers: list[int] = []
@@ -139,19 +144,23 @@ class DeviceEndpoint:
         config = ModelConfig.from_dict(meta["config"])
         cos, sin = rope_tables(config, config.max_position_embeddings)
         self.config, self.rope = config, (cos.to(self.device), sin.to(self.device))
-        self.weights, self.aliases, self.values, self.step = {}, {}, {}, None
+        self.weights, self.compute_weights, self.aliases, self.values, self.step = {}, {}, {}, {}, None
         self._drop_cache()
         return self.info(), {}
 
     def _put_weights(self, meta: Meta, tensors: Tensors) -> tuple[Meta, Tensors]:
         self._require_hello()
+        float_products = fastest_backend() == "float32"
         for name, tensor in tensors.items():
             self.weights[name] = tensor.to(self.device)
             self.aliases.pop(name, None)
+            as_float = float_products and name.endswith(".q") and tensor.dtype == torch.int8
+            self.compute_weights[name] = self.weights[name].float() if as_float else self.weights[name]
         for alias, target in meta.get("aliases", {}).items():
             if target not in self.weights:
                 raise KeyError(f"alias {alias!r} names weight {target!r}, which the device does not hold")
             self.weights[alias] = self.weights[target]
+            self.compute_weights[alias] = self.compute_weights[target]
             self.aliases[alias] = self.aliases.get(target, target)
         return {"weights": len(self.weights)}, {}
 
@@ -191,11 +200,11 @@ class DeviceEndpoint:
         observe = self.recorder.record_held if self.recorder else None
         if meta.get("blinded"):
             ((op, layer),) = ops  # a blinded segment is one projection: the enclave unpads between them
-            blinded_product(self.values, self.weights, op, layer)
+            blinded_product(self.values, self.compute_weights, op, layer)
             if observe:
                 observe(op, layer, {"y": self.values["y"]})
         else:
-            run_ops(ops, self.values, self.weights, self.cache, ctx, observe)
+            run_ops(ops, self.values, self.compute_weights, self.cache, ctx, observe)
         if any(op == "attention" for op, _ in ops):
             self.positions_written = max(self.positions_written, start + length)
         missing = [name for name in meta["returns"] if name not in self.values]
