@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import secureinfer
+from scheme_runs import forward_logits, padded_batch
 from secureinfer.attacks.traffic import regression_r_squared, uniformity_p_value
 from secureinfer.crypto.field import BACKENDS, MAX_INNER_DIM, P, fastest_backend, field_matmul, to_signed
 from secureinfer.crypto.pads import PadPool, uniform_field
@@ -76,28 +77,17 @@ def checkpoint(tiny_gguf):
     return load_checkpoint(tiny_gguf, progress=False)
 
 
-def forward_logits(lm, prompt_ids, pad=None):
-    runtime = lm.runtime
-    cache = runtime.new_cache(prompt_ids.shape[0], prompt_ids.shape[1] + 3)
-    steps = [runtime.forward(prompt_ids, cache, 0, pad, last_only=False)]
-    for i in range(3):
-        steps.append(runtime.forward(steps[-1][:, -1:].argmax(-1), cache, prompt_ids.shape[1] + i, pad))
-    return steps
-
-
 BLINDED_SCHEMES = ("secureinfer", "secureinfer-enclave-qkv-ffn", "hardened")
 
 
 @pytest.mark.parametrize("channel", ["process", "inprocess"])
 def test_every_blinded_scheme_equals_plain_int8_bit_for_bit(checkpoint, channel):
-    ids = [checkpoint.tokenizer.encode(p) for p in PROMPTS]
-    longest = max(map(len, ids))
-    pad = torch.tensor([longest - len(row) for row in ids])
-    batch = torch.tensor([[2] * int(n) + row for n, row in zip(pad, ids)])
+    batch, pad = padded_batch(checkpoint.tokenizer, PROMPTS)
+    first = torch.tensor([checkpoint.tokenizer.encode(PROMPTS[0])])
     results = {}
     for scheme in ("plain-int8", *BLINDED_SCHEMES):
         with secureinfer.SecureLM(checkpoint, scheme, channel=channel, threads=torch.get_num_threads()) as lm:
-            results[scheme] = forward_logits(lm, batch, pad) + forward_logits(lm, torch.tensor([ids[0]]))
+            results[scheme] = forward_logits(lm, batch, pad) + forward_logits(lm, first)
             results[scheme + " tokens"] = [lm.generate(p, max_new_tokens=8, ignore_eos=True).tokens for p in PROMPTS]
     for scheme in BLINDED_SCHEMES:
         for ours, reference in zip(results[scheme], results["plain-int8"]):

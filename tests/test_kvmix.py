@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import secureinfer
+from scheme_runs import forward_logits, padded_batch, real_greedy_run
 from secureinfer.attacks.kv_inversion import invert_hidden_states, invert_kv_cache
 from secureinfer.attacks.score_matching import match_attention_scores
 from secureinfer.attacks.view import DeviceView
@@ -35,27 +36,15 @@ def test_a_mixing_matrix_is_invertible_well_conditioned_and_not_orthogonal():
     assert singular.max() / singular.min() > 2  # far from orthogonal: Gram matrices change under it
 
 
-def forward_logits(lm, ids, pad):
-    runtime = lm.runtime
-    cache = runtime.new_cache(ids.shape[0], ids.shape[1] + 3)
-    steps = [runtime.forward(ids, cache, 0, pad, last_only=False)]
-    for i in range(3):
-        steps.append(runtime.forward(steps[-1][:, -1:].argmax(-1), cache, ids.shape[1] + i, pad))
-    return steps
-
-
 @pytest.mark.parametrize("channel", ["process", "inprocess"])
 def test_kvmix_matches_plain_int8_within_tolerance(checkpoint, channel):
-    ids = [checkpoint.tokenizer.encode(p) for p in PROMPTS]
-    longest = max(map(len, ids))
-    pad = torch.tensor([longest - len(row) for row in ids])
-    batch = torch.tensor([[2] * int(n) + row for n, row in zip(pad, ids)])
+    batch, pad = padded_batch(checkpoint.tokenizer, PROMPTS)
     results = {}
     for scheme in ("plain-int8", "kvmix"):
         with secureinfer.SecureLM(checkpoint, scheme, channel=channel) as lm:
             results[scheme] = forward_logits(lm, batch, pad)
             results[scheme + " tokens"] = [lm.generate(p, max_new_tokens=8, ignore_eos=True).tokens for p in PROMPTS]
-    real = torch.arange(longest)[None] >= pad[:, None]
+    real = torch.arange(batch.shape[1])[None] >= pad[:, None]
     first, *decode = zip(results["kvmix"], results["plain-int8"])
     assert (first[0][real] - first[1][real]).abs().max() < LOGIT_TOLERANCE
     assert all((ours - reference).abs().max() < LOGIT_TOLERANCE for ours, reference in decode)
@@ -110,20 +99,10 @@ def test_score_matching_has_nothing_to_read_where_the_device_is_sent_no_queries(
 
 @pytest.mark.integration
 def test_kvmix_greedy_tokens_equal_plain_int8_on_the_real_model(real_checkpoint):
-    prompts = [
-        "The capital of France is",
-        "def fibonacci(n):",
-        "Once upon a time, in a small village,",
-        "The three primary colours are",
-    ]
-    chat = [{"role": "user", "content": "My name is Ada and I live at 12 Elm Street. Where do I live?"}]
     outputs = {}
     for scheme in ("plain-int8", "kvmix"):
         with secureinfer.SecureLM(real_checkpoint, scheme) as lm:
-            outputs[scheme] = [lm.generate(p, max_new_tokens=16, ignore_eos=True).tokens for p in prompts]
-            outputs[scheme].append(lm.chat(chat, max_new_tokens=16, ignore_eos=True).tokens)
-            ids = torch.tensor([real_checkpoint.tokenizer.encode(prompts[2])])
-            outputs[scheme + " logits"] = lm.runtime.forward(ids, lm.runtime.new_cache(1, ids.shape[1]), 0)
+            outputs[scheme], outputs[scheme + " logits"] = real_greedy_run(lm, real_checkpoint.tokenizer)
     assert outputs["kvmix"] == outputs["plain-int8"]
     # Measured 0.010 on logits of magnitude ~10: the mixing's ~1e-6 relative error flips the odd rounding of
     # the next layers' 17-bit activations, so the real model drifts further than the tiny one.

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import secureinfer
+from scheme_runs import padded_batch, real_greedy_run
 from secureinfer.attacks.content import find_in_view
 from secureinfer.attacks.view import DeviceView
 from secureinfer.crypto.head_permutation import HeadPermutation, random_pair_permutation
@@ -22,13 +23,6 @@ PROMPTS = ["the cat and the dog", "once upon a time in a land", "is it on"]
 @pytest.fixture(scope="module")
 def checkpoint(tiny_gguf):
     return load_checkpoint(tiny_gguf, progress=False)
-
-
-def padded_batch(checkpoint):
-    ids = [checkpoint.tokenizer.encode(p) for p in PROMPTS]
-    longest = max(map(len, ids))
-    pad = torch.tensor([longest - len(row) for row in ids])
-    return torch.tensor([[2] * int(n) + row for n, row in zip(pad, ids)]), pad
 
 
 def integer_probes(key: torch.Tensor) -> dict[str, bytes]:
@@ -51,7 +45,7 @@ def test_a_pair_permutation_moves_rope_pairs_as_ordered_units():
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_kvshield_logits_match_transformers(checkpoint, tiny_hf_model, scheme):
     """Prefill of a left-padded batch, all positions, against transformers' fp32 forward."""
-    batch, pad = padded_batch(checkpoint)
+    batch, pad = padded_batch(checkpoint.tokenizer, PROMPTS)
     attention = (torch.arange(batch.shape[1])[None] >= pad[:, None]).long()
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -133,21 +127,11 @@ def test_a_head_key_needs_its_ops_on_the_device_in_clear(checkpoint):
 
 @pytest.mark.integration
 def test_kvshield_greedy_tokens_equal_plain_on_the_real_model(real_checkpoint):
-    """Five prompts (one a chat), 16 new tokens each; logits of the first step within float tolerance."""
-    prompts = [
-        "The capital of France is",
-        "def fibonacci(n):",
-        "Once upon a time, in a small village,",
-        "The three primary colours are",
-    ]
-    chat = [{"role": "user", "content": "My name is Ada and I live at 12 Elm Street. Where do I live?"}]
+    """Five prompts (one a chat), 16 new tokens each; logits of a first step within float tolerance."""
     outputs = {}
     for scheme in ("plain", *SCHEMES):
         with secureinfer.SecureLM(real_checkpoint, scheme) as lm:
-            outputs[scheme] = [lm.generate(p, max_new_tokens=16, ignore_eos=True).tokens for p in prompts]
-            outputs[scheme].append(lm.chat(chat, max_new_tokens=16, ignore_eos=True).tokens)
-            ids = torch.tensor([real_checkpoint.tokenizer.encode(prompts[0])])
-            outputs[scheme + " logits"] = lm.runtime.forward(ids, lm.runtime.new_cache(1, ids.shape[1]), 0)
+            outputs[scheme], outputs[scheme + " logits"] = real_greedy_run(lm, real_checkpoint.tokenizer)
     for scheme in SCHEMES:
         assert outputs[scheme] == outputs["plain"], scheme
         assert (outputs[scheme + " logits"] - outputs["plain logits"]).abs().max() < 1e-3, scheme

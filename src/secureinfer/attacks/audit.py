@@ -229,7 +229,7 @@ def run_audit(
                 "traffic": _pool_traffic(traffic),
                 "tampering": _tampering(checkpoint, scheme, size, seed),
                 "adapter": _adapter_exposure(checkpoint, scheme, workdir),
-                "extraction": {"ran": False, "why": "the extraction attack is not built yet"},
+                "extraction": {"ran": False, "why": "attacks/extraction.py is not run by the audit yet"},
                 "seconds": time.perf_counter() - scheme_began,
             }
     finally:
