@@ -94,9 +94,7 @@ def invert_hidden_states(view: DeviceView, public: Llama) -> ConversationRecover
         covered = slice(run.meta["start"], run.meta["start"] + run.meta["length"])
         ids, distance = nearest_by_cosine(hidden.flatten(0, 1).float(), references[name])
         tokens[:, covered], distances[:, covered] = ids.view(hidden.shape[:2]), distance.view(hidden.shape[:2])
-    pad = view.conversation_pad()
-    index = torch.arange(length).expand(batch, length)
-    observed = (tokens >= 0) & (index >= (0 if pad is None else pad[:, None]))
+    observed = guessed_positions(view, tokens)
     return ConversationRecovery(
         attack="hidden_inversion",
         method=HIDDEN_METHOD,
@@ -144,6 +142,13 @@ def nearest_by_cosine(queries: Tensor, references: Tensor) -> tuple[Tensor, Tens
         ids.append(best.indices)
         distances.append(1 - best.values)
     return torch.cat(ids), torch.cat(distances)
+
+
+def guessed_positions(view: DeviceView, tokens: Tensor) -> Tensor:
+    """[batch, length] True where `tokens` (-1: no guess) holds a guess of a real, unpadded position."""
+    pad = view.conversation_pad()
+    index = torch.arange(tokens.shape[1]).expand_as(tokens)
+    return (tokens >= 0) & (index >= (0 if pad is None else pad[:, None]))
 
 
 def by_position(values: Tensor, observed: Tensor) -> list[list]:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..crypto.quant import int8_linear, quantize_weight
 from ..model.llama import Llama
-from .kv_inversion import by_position, check_public_model, normed_embeddings
+from .kv_inversion import by_position, check_public_model, guessed_positions, normed_embeddings
 from .view import ConversationRecovery, DeviceView
 
 METHOD = (
@@ -66,9 +66,7 @@ def match_attention_scores(view: DeviceView, public: Llama) -> ConversationRecov
         covered = slice(run.meta["start"], run.meta["start"] + run.meta["length"])
         tokens[:, covered] = best.indices.view(batch, -1)
         distances[:, covered] = best.values.view(batch, -1).float()
-    pad = view.conversation_pad()
-    index = torch.arange(length).expand(batch, length)
-    observed_positions = (tokens >= 0) & (index >= (0 if pad is None else pad[:, None]))
+    observed_positions = guessed_positions(view, tokens)
     return ConversationRecovery(
         attack="attention_score_matching",
         method=METHOD,
