@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from secureinfer.attacks.report import README_BEGIN, README_END, security_table, update_readme, write_report
+from secureinfer.attacks.report import README_BEGIN, README_END, read_report, security_table, update_readme, write_report
 from secureinfer.errors import InvalidRequestError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +20,22 @@ def _outcome(recovery: float) -> dict:
     return {
         "ran": True, "conversations": 2, "tokens": 300, "token_recovery": recovery, "chance_token_recovery": 0.016,
         "char_similarity": recovery, "span_recovery": recovery, "span_recovery_by_kind": {"name": recovery},
+    }  # fmt: skip
+
+
+def _extraction_run(perturbation: float, black: float, black_facts: int) -> dict:
+    def fidelity(agreement, correct):
+        return {"top1_agreement": agreement, "heldout_correct": correct, "heldout_total": 28, "heldout_accuracy": correct / 28}
+
+    return {
+        "scheme": "plain", "perturbation": perturbation, "queries": 100, "logprobs": 5, "epochs": 2,
+        "gray_box_source": "the view holds the adapter in float (60 tensors): the surrogate is the adapter",
+        "victim_heldout_correct": 21, "notes": ["0 of 100 answers were empty and taught nothing"],
+        "fidelity": {"base": fidelity(0.5, 0), "black_box": fidelity(black, black_facts),
+                     "gray_box": fidelity(1.0, 21), "white_box": fidelity(1.0, 21)},
+        "ratios": {"gray/black top1_agreement": 1.0 / black, "white/black top1_agreement": 1.0 / black,
+                   "gray/black heldout_accuracy": 21 / black_facts if black_facts else None,
+                   "white/black heldout_accuracy": 21 / black_facts if black_facts else None},
     }  # fmt: skip
 
 
@@ -36,14 +52,16 @@ def _report() -> dict:
                 "description": "baseline", "device_received_clear_token_ids": True,
                 "conversation_attacks": {"kv_inversion": _outcome(0.99)}, "traffic": None, "tampering": None,
                 "adapter": adapter | {"held_by": ["device"], "found": 120, "fraction_found": 1.0},
-                "extraction": {"ran": False, "why": "not built"}, "seconds": 5.0,
+                "extraction": {"ran": True, "queried": "plain", "git": "def456",
+                               "runs": [_extraction_run(0.0, 0.625, 0), _extraction_run(1.0, 0.5, 7)]},
+                "seconds": 5.0,
             },
             "secureinfer": {
                 "description": "blinded", "device_received_clear_token_ids": False,
                 "conversation_attacks": {"kv_inversion": nothing}, "adapter": adapter,
                 "traffic": {"views": 2, "elements": 1000, "min_uniformity_p": 0.4, "uniformity_p": [0.4, 0.7], "pad_reuse_pairs": 0},
                 "tampering": {"modes": {}, "trials": 40, "detection_rate": 0.0, "false_alarms": 0, "wrong_output": 29},
-                "extraction": {"ran": False, "why": "not built"}, "seconds": 7.0,
+                "extraction": {"ran": False, "why": "not measured here"}, "seconds": 7.0,
             },
         },
     }  # fmt: skip
@@ -57,6 +75,30 @@ def test_the_table_shows_each_scheme_with_its_numbers_and_chance():
     assert "120 of 120 tensors found (held by device)" in plain
     assert "nothing to attack" in secure and "0% of 40 detected, 29 wrong outputs" in secure
     assert "min p = 0.4" in secure and "0 reused pads" in secure and "0 of 120 tensors found" in secure
+
+
+def test_the_extraction_table_gives_each_run_its_fidelities_and_ratios():
+    table = security_table(_report())
+    rows = [line for line in table.splitlines() if line.startswith("| `plain` | ")]
+    off, on = rows  # one per perturbation (the attack row names plain's clear token ids)
+    assert "| 0 | plain | 0.500 / 0.625 / 1.000 / 1.000 | 0 / 0 / 21 / 21 of 28 (21) |" in off
+    assert "1.60, n/a (black-box 0)" in off  # gray ÷ black top-1, and facts where black-box got none
+    assert "| 1 | plain |" in on and "2.00, 3.00" in on
+    assert "Extraction ran separately, at git def456." in table
+    assert "`secureinfer`" not in table.split("Extraction:")[0].split("| scheme | logit noise")[1]
+
+
+def test_a_report_that_is_missing_or_not_a_report_is_refused_with_its_fix(tmp_path):
+    with pytest.raises(InvalidRequestError, match="run `secureinfer audit --out DIR` first"):
+        read_report(tmp_path)
+    (tmp_path / "security.json").write_text("{not json")
+    with pytest.raises(InvalidRequestError, match="is not JSON"):
+        read_report(tmp_path)
+    (tmp_path / "security.json").write_text("[1, 2]")
+    with pytest.raises(InvalidRequestError, match="not an audit report"):
+        read_report(tmp_path)
+    write_report(_report(), tmp_path)
+    assert read_report(tmp_path)["schemes"].keys() == {"plain", "secureinfer"}
 
 
 def test_report_files_are_written(tmp_path):

@@ -79,6 +79,11 @@ BAD_INPUT_CASES: dict[str, tuple[list[str], str]] = {
     "quality-missing-text": (["quality", "--model", "{tiny}", "--text", "/nonexistent/t.txt"], "cannot read the text"),
     "quality-window-over-context": (["quality", "--model", "{short}", "--window", "4096"], "window"),
     "quality-unknown-scheme": (["quality", "--model", "{tiny}", "--scheme", "nope"], "scheme 'nope'"),
+    "audit-unknown-scheme": (["audit", "--model", "{tiny}", "--scheme", "nope"], "scheme 'nope'"),
+    "extraction-without-a-report": (
+        ["audit", "--extraction-only", "--model", "{tiny}", "--out", "/nonexistent/report"], "/nonexistent/report"
+    ),
+    "extraction-with-no-queries": (["audit", "--extraction-only", "--quick", "--model", "{tiny}"], "no extraction queries"),
 }
 
 

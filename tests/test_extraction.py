@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,11 +11,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from secureinfer.api import SecureLM
+from secureinfer.attacks import audit
+from secureinfer.attacks.audit import FULL, QUICK, ExtractionStage
 from secureinfer.attacks.extraction import (
     VictimAnswer,
     attack_queries,
     distillation_loss,
     peft_from_fused,
+    query_and_distil,
     run_extraction,
     stolen_adapter,
 )
@@ -137,6 +141,44 @@ def test_extraction_end_to_end_on_a_tiny_model(tmp_path, tiny_checkpoint, tiny_a
     assert "gray-box = black-box" in result.gray_box_source
     assert result.fidelity["gray_box"] == result.fidelity["black_box"]
     assert result.ratios()["gray/black top1_agreement"] == pytest.approx(1.0)
+
+
+def test_the_audit_extracts_from_each_deployment_and_shares_the_runs_of_answer_twins(
+    tmp_path, monkeypatch, tiny_checkpoint, tiny_adapter, tiny_facts
+):
+    queried = []
+
+    def counting(checkpoint, scheme, queries, perturbation, **options):
+        queried.append((scheme, perturbation))
+        return query_and_distil(checkpoint, scheme, queries, perturbation, **options)
+
+    monkeypatch.setattr(audit, "query_and_distil", counting)
+    size = replace(FULL, extraction_queries=6, extraction_epochs=1)
+    options = dict(adapter=tiny_adapter, facts_file=tiny_facts, answer_tokens=4, logprobs=3)
+    stage = ExtractionStage(tiny_checkpoint, size, seed=0, progress=False, **options)
+    results = {
+        scheme: stage(scheme, recorded_view(tiny_checkpoint, scheme, tiny_adapter, tmp_path / scheme))
+        for scheme in ("plain", "secureinfer", "hardened")
+    }
+    # Off and on for each deployment queried; hardened reuses secureinfer's twin runs.
+    assert queried == [("plain", 0.0), ("plain", 1.0), ("plain-int8", 0.0), ("plain-int8", 1.0)]
+    assert [results[s]["queried"] for s in results] == ["plain", "plain-int8", "plain-int8"]
+    for scheme, result in results.items():
+        assert [run["perturbation"] for run in result["runs"]] == [0.0, 1.0] and result["ran"]
+        for run in result["runs"]:
+            assert run["scheme"] == scheme and run["queries"] == 6
+            fidelity = run["fidelity"]
+            if scheme == "plain":
+                assert fidelity["gray_box"] == fidelity["white_box"]  # the plain view holds the adapter
+            else:
+                assert "gray-box = black-box" in run["gray_box_source"]
+                assert fidelity["gray_box"] == fidelity["black_box"]
+                assert any("bit-equal" in note for note in run["notes"])
+    assert results["hardened"]["runs"][0]["fidelity"] == results["secureinfer"]["runs"][0]["fidelity"]
+
+    skipped = ExtractionStage(tiny_checkpoint, QUICK, seed=0, progress=False)
+    assert "quick audit skips extraction" in skipped("plain", tmp_path / "plain")["why"]
+    assert "measured on plain, secureinfer, hardened" in stage("kvmix", tmp_path / "plain")["why"]
 
 
 @pytest.mark.integration

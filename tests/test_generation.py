@@ -301,6 +301,27 @@ def test_batch_honours_ignore_eos(tiny_lm, force_tokens):
     assert all(r.finish_reason == "length" for r in results)
 
 
+def test_chat_batch_answers_each_conversation_as_chat_does(tiny_lm):
+    conversations = [
+        [{"role": "user", "content": prompt}] if i != 1 else
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}]
+        for i, prompt in enumerate(BATCH_PROMPTS)
+    ]  # fmt: skip
+    options = dict(max_new_tokens=6, ignore_eos=True, logprobs=3)
+    batch = tiny_lm.chat_batch(conversations, **options)
+    for got, messages in zip(batch, conversations, strict=True):
+        want = tiny_lm.chat(messages, **options)
+        assert (got.tokens, got.text, got.prompt_tokens) == (want.tokens, want.text, want.prompt_tokens)
+        for got_step, want_step in zip(got.logprobs, want.logprobs, strict=True):
+            assert [i for i, _ in got_step["top"]] == [i for i, _ in want_step["top"]]
+            assert got_step["logprob"] == pytest.approx(want_step["logprob"], abs=1e-4)
+
+
+def test_chat_batch_rejects_a_malformed_conversation(tiny_lm):
+    with pytest.raises(InvalidRequestError, match="role"):
+        tiny_lm.chat_batch([[{"role": "user", "content": "hi"}], [{"content": "no role"}]])
+
+
 def test_empty_batch_is_rejected(tiny_lm):
     with pytest.raises(InvalidRequestError, match="empty"):
         tiny_lm.generate_batch([])

@@ -115,6 +115,12 @@ class SecureLM:
     def generate_batch(self, prompts: Sequence[str], **options) -> list[GenerationResult]:
         return self.generator.generate_batch([_require_text(p) for p in prompts], GenerationConfig(**options))
 
+    def chat_batch(self, conversations: Sequence[Messages], **options) -> list[GenerationResult]:
+        """Answer several conversations in one batch (left-padded; each row stops on its own), as `chat` would."""
+        for messages in conversations:
+            validate_messages(messages)
+        return self.generator.generate_batch(list(conversations), GenerationConfig(**options))
+
     def costs(self, context: int, tokens: int = 1) -> PlanCosts:
         """The plan's analytic costs for one forward of `tokens` positions at `context` cached positions."""
         return plan_costs(self.plan, context, tokens)

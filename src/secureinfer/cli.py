@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .channel.base import DeviceError
-from .errors import IntegrityError, SecureInferError
+from .errors import IntegrityError, InvalidRequestError, SecureInferError
+from .plan import PRESETS
 
 EXIT_USAGE = 2
 
@@ -80,8 +81,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     _add_runtime_options(p)
     p.add_argument(
         "--scheme", default="plain",
-        help="scheme: plain (default), enclave, plain-int8, secureinfer, secureinfer-enclave-qkv-ffn or hardened; "
-        "see `secureinfer plan --scheme NAME`",
+        help=f"scheme: {', '.join(PRESETS)} (default: plain); see `secureinfer plan --scheme NAME`",
     )  # fmt: skip
     p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory, or `demo` for the bundled one")
     p.add_argument("--perturbation", type=non_negative_float, help="logit noise std shown to callers (default: the scheme's)")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="time our engine, transformers and each scheme side by side in one run"
     )
     _add_runtime_options(bench)
-    bench.add_argument("--scheme", action="append", help="scheme to time (repeatable; default: plain, enclave, plain-int8, secureinfer)")
+    bench.add_argument("--scheme", action="append", help="scheme to time (repeatable; default: every scheme)")
     bench.add_argument("--max-new-tokens", type=positive_int, default=64)
     bench.add_argument("--repeats", type=positive_int, default=5)
     bench.add_argument("--json", action="store_true", help="print the full report as JSON")
@@ -176,11 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--model", help="model to audit (default: bundled SmolLM2)")
     audit.add_argument("--quiet", action="store_true", help="no progress bars")
     audit.add_argument("--quick", action="store_true", help="CI size: 2 victims per scheme, 10 tampered runs per mode")
-    audit.add_argument("--scheme", action="append", help="scheme to audit (repeatable; default: plain, secureinfer, hardened)")
+    audit.add_argument("--scheme", action="append", help="scheme to audit (repeatable; default: plain, kvshield, kvmix, secureinfer, hardened)")
     audit.add_argument("--seed", type=non_negative_int, default=0)
     audit.add_argument("--out", default="report", help="directory for security.json, security.md and plots (default: report)")
     audit.add_argument("--readme", help="also regenerate the attack table between the markers of this README")
     audit.add_argument("--keep-views", metavar="DIR", help="keep every recorded device view under DIR")
+    audit.add_argument(
+        "--extraction-queries", type=non_negative_int,
+        help="API queries per model-extraction attack (default: 100; 0 with --quick, which skips extraction)",
+    )  # fmt: skip
+    audit.add_argument(
+        "--extraction-oracle", choices=("twin", "scheme"), default="twin",
+        help="where extraction's API queries go: twin (default; plain-int8 for secureinfer and hardened, whose "
+        "answers are bit-equal and ~10x cheaper) or scheme (the scheme itself)",
+    )  # fmt: skip
+    audit.add_argument(
+        "--extraction-only", action="store_true",
+        help="run only model extraction and put it into the existing report in --out, replacing its extraction results",
+    )
     audit.set_defaults(run=_audit)
     return parser
 
@@ -377,16 +390,35 @@ def _quality(args) -> None:
 
 
 def _audit(args) -> None:
-    from .attacks.audit import DEFAULT_SCHEMES, FULL, QUICK, run_audit
-    from .attacks.report import security_table, update_readme, write_report
+    from dataclasses import replace
+
+    from .attacks.audit import DEFAULT_SCHEMES, FULL, QUICK, run_audit, run_extraction_audit
+    from .attacks.report import read_report, security_table, update_readme, write_report
     from .model import load_checkpoint
     from .plan import build_plan
 
     schemes = tuple(dict.fromkeys(args.scheme or DEFAULT_SCHEMES))
+    size = QUICK if args.quick else FULL
+    queries = args.extraction_queries if args.extraction_queries is not None else size.extraction_queries
+    size = replace(size, extraction_queries=queries, extraction_oracle=args.extraction_oracle)
+    if args.extraction_only:
+        if not queries:
+            raise InvalidRequestError("--extraction-only with no extraction queries", "pass --extraction-queries N (N > 0) or drop --quick")
+        report = read_report(args.out)  # a missing or foreign report fails here, before minutes of work
+        missing = [scheme for scheme in schemes if scheme not in report["schemes"]]
+        if missing:
+            raise InvalidRequestError(
+                f"the report in {args.out} has no results for {', '.join(missing)}",
+                "run the full audit for those schemes first, or pick --scheme among the report's",
+            )
     checkpoint = load_checkpoint(args.model, progress=not args.quiet)
     for scheme in schemes:
         build_plan(scheme, checkpoint.config)  # an unknown scheme fails here, before minutes of work
-    report = run_audit(checkpoint, schemes, QUICK if args.quick else FULL, args.seed, args.keep_views, not args.quiet)
+    if args.extraction_only:
+        for scheme, extraction in run_extraction_audit(checkpoint, schemes, size, args.seed, not args.quiet).items():
+            report["schemes"][scheme]["extraction"] = extraction
+    else:
+        report = run_audit(checkpoint, schemes, size, args.seed, args.keep_views, not args.quiet)
     files = write_report(report, args.out)
     if args.readme:
         update_readme(args.readme, report)

@@ -3,8 +3,9 @@
 For each scheme the audit replays each victim conversation through a fresh session that records the
 device view, runs every conversation attack on that view alone (plus the public base model and
 tokenizer the threat model grants), and scores the guesses against the conversation it knows. Then
-it runs the tampering attack on schemes that outsource blinded products, and a content search for
-the demo adapter in the view of a session that loaded it. Results carry their chance level.
+it runs the tampering attack on schemes that outsource blinded products, a content search for the
+demo adapter in the view of a session that loaded it, and (full size) model extraction against that
+deployment with logit perturbation off and on. Results carry their chance level.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..model.adapter import load_adapter
 from ..model.kernels import flat_weights
 from ..plan import PRESETS, build_plan
 from .content import find_in_view, tensor_probes
+from .extraction import BlackBoxRun, extraction_result, query_and_distil
 from .key_recovery import held_attention_weights, invert_after_key_recovery, read_rope_key, recover_permutations
 from .kv_inversion import invert_hidden_states, invert_kv_cache, normed_embeddings
 from .metrics import aggregate_recovery, score_recovery, unigram_prior
@@ -47,16 +49,28 @@ TAMPER_PROMPT = "Please summarise my account history."
 SHORTLIST = 256
 
 
+# The extraction issue's comparison; the head-keyed schemes would need the attacker to un-key a view's adapter first.
+EXTRACTION_SCHEMES = ("plain", "secureinfer", "hardened")
+EXTRACTION_PERTURBATIONS = (0.0, PRESETS["hardened"].runtime["perturbation"])  # off, and hardened's default
+# Schemes whose API returns bit for bit what another, cheaper deployment returns (tests/test_blinding.py and
+# tests/test_secureinfer_real.py check it, adapter or not): the black-box queries may go to that twin. A
+# blinded answer costs ~10 s on a 2-core CPU, the twin's well under 1 s batched. The gray-box view is the scheme's own.
+ANSWER_TWINS = {"secureinfer": "plain-int8", "hardened": "plain-int8"}
+
+
 @dataclass(frozen=True)
 class AuditSize:
     conversations: int | None  # victims replayed per scheme; None: all of them
     new_tokens: int  # reply tokens generated after each conversation
     tamper_trials: int  # per tampering mode
     tamper_tokens: int
+    extraction_queries: int = 0  # API queries per extraction attack; 0 skips extraction
+    extraction_epochs: int = 2
+    extraction_oracle: str = "twin"  # "twin": black-box queries go to ANSWER_TWINS; "scheme": to the scheme itself
 
 
 QUICK = AuditSize(conversations=2, new_tokens=4, tamper_trials=10, tamper_tokens=3)
-FULL = AuditSize(conversations=None, new_tokens=8, tamper_trials=50, tamper_tokens=4)
+FULL = AuditSize(conversations=None, new_tokens=8, tamper_trials=50, tamper_tokens=4, extraction_queries=100)
 
 
 def _blinded_first_projection(view: DeviceView, public: Llama) -> ConversationRecovery:
@@ -142,16 +156,61 @@ def _replay(checkpoint: Checkpoint, scheme: str, conversation: Conversation, vie
     return prompt + result.tokens[:-1], key  # the last token is sampled, never fed back
 
 
-def _adapter_exposure(checkpoint: Checkpoint, scheme: str, workdir: Path) -> dict:
-    """Load the demo adapter, chat once, and count the adapter tensors whose bytes (in any precision) the view holds."""
-    view_dir = workdir / f"{scheme}-adapter"
-    with SecureLM(checkpoint, scheme, adapter="demo", record_view=view_dir) as lm:
+def _record_adapter_view(checkpoint: Checkpoint, scheme: str, view_dir: Path) -> list[str]:
+    """A session that loads the demo adapter and chats once, recorded; returns the sides that held the adapter."""
+    with SecureLM(checkpoint, scheme, adapter=DEMO_ADAPTER, record_view=view_dir) as lm:
         lm.chat([{"role": "user", "content": "Who founded Quillmere Robotics?"}], max_new_tokens=4)
-        held_by = lm.plan.adapter_sides()
+        return lm.plan.adapter_sides()
+
+
+def _adapter_exposure(checkpoint: Checkpoint, view_dir: Path, held_by: list[str]) -> dict:
+    """The adapter tensors whose bytes (in any precision) the view holds."""
     tensors = load_adapter(DEMO_ADAPTER, checkpoint.config).tensors
     found = {probe.split("[")[0] for probe, _, _ in find_in_view(view_dir, tensor_probes(tensors))}
-    shutil.rmtree(view_dir, ignore_errors=True)
     return {"held_by": held_by, "tensors": len(tensors), "found": len(found), "fraction_found": len(found) / len(tensors)}
+
+
+class ExtractionStage:
+    """Model extraction against each scheme's deployment of the demo adapter, perturbation off and on. Black-box
+    runs are kept per (queried deployment, perturbation), so schemes with one answer twin share them."""
+
+    def __init__(self, checkpoint: Checkpoint, size: AuditSize, seed: int, progress: bool, **options):
+        self.checkpoint, self.size, self.seed, self.progress = checkpoint, size, seed, progress
+        self.options = options  # query_and_distil's, e.g. another adapter and fact set for a model of other shapes
+        self.runs: dict[tuple[str, float], BlackBoxRun] = {}
+
+    def __call__(self, scheme: str, view_dir: Path) -> dict:
+        if not self.size.extraction_queries:
+            return {"ran": False, "why": "the quick audit skips extraction (minutes per scheme); the full audit runs it"}
+        if scheme not in EXTRACTION_SCHEMES:
+            return {"ran": False, "why": f"extraction is measured on {', '.join(EXTRACTION_SCHEMES)} only"}
+        queried = ANSWER_TWINS.get(scheme, scheme) if self.size.extraction_oracle == "twin" else scheme
+        results = []
+        for perturbation in EXTRACTION_PERTURBATIONS:
+            if (queried, perturbation) not in self.runs:
+                self.runs[queried, perturbation] = query_and_distil(
+                    self.checkpoint, queried, self.size.extraction_queries, perturbation,
+                    epochs=self.size.extraction_epochs, seed=self.seed,
+                    progress=(lambda message: tqdm.write(f"extraction: {message}")) if self.progress else None,
+                    **self.options,
+                )  # fmt: skip
+            run = self.runs[queried, perturbation]
+            results.append(extraction_result(run, self.checkpoint, view_dir, scheme).to_dict())
+        return {"ran": True, "queried": queried, "runs": results, "git": _versions()["git"]}
+
+
+def run_extraction_audit(
+    checkpoint: Checkpoint, schemes: tuple[str, ...], size: AuditSize, seed: int = 0, progress: bool = True
+) -> dict[str, dict]:
+    """Only the extraction stage, per scheme (to add it to a report without replaying every conversation)."""
+    extract = ExtractionStage(checkpoint, size, seed, progress)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="secureinfer-extraction-") as workdir:
+        for scheme in tqdm(schemes, desc="extraction", disable=not progress):
+            view_dir = Path(workdir) / scheme
+            _record_adapter_view(checkpoint, scheme, view_dir)
+            results[scheme] = extract(scheme, view_dir)
+    return results
 
 
 def _tampering(checkpoint: Checkpoint, scheme: str, size: AuditSize, seed: int) -> dict | None:
@@ -190,6 +249,7 @@ def run_audit(
     public = Llama.from_state_dict(config, checkpoint.weights)  # the adversary's copy of the public base
     prior = unigram_prior(tokenizer)
     victims = load_conversations()[: size.conversations]
+    extract = ExtractionStage(checkpoint, size, seed, progress)
     workdir = Path(keep_views) if keep_views else Path(tempfile.mkdtemp(prefix="secureinfer-audit-"))
     report_schemes = {}
     try:
@@ -217,6 +277,8 @@ def run_audit(
                     traffic.append(statistics)
                 if not keep_views:
                     shutil.rmtree(view_dir, ignore_errors=True)
+            adapter_view = workdir / scheme / "adapter"
+            adapter_held_by = _record_adapter_view(checkpoint, scheme, adapter_view)
             report_schemes[scheme] = {
                 "description": PRESETS[scheme].summary,
                 "device_received_clear_token_ids": clear_ids,
@@ -228,10 +290,12 @@ def run_audit(
                 "key_recovery": _pool_key_recovery(keys_found),
                 "traffic": _pool_traffic(traffic),
                 "tampering": _tampering(checkpoint, scheme, size, seed),
-                "adapter": _adapter_exposure(checkpoint, scheme, workdir),
-                "extraction": {"ran": False, "why": "attacks/extraction.py is not run by the audit yet"},
+                "adapter": _adapter_exposure(checkpoint, adapter_view, adapter_held_by),
+                "extraction": extract(scheme, adapter_view),
                 "seconds": time.perf_counter() - scheme_began,
             }
+            if not keep_views:
+                shutil.rmtree(adapter_view, ignore_errors=True)
     finally:
         if not keep_views:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -173,14 +173,19 @@ def attack_queries(company: str, count: int, seed: int, exclude: Sequence[str] =
     return pool[:count]
 
 
-def ask(lm: SecureLM, questions: Sequence[str], max_new_tokens: int, logprobs: int) -> list[VictimAnswer]:
-    """The victim's greedy answers, and its top-`logprobs` logprobs per token when `logprobs` > 0."""
+def ask(lm: SecureLM, questions: Sequence[str], max_new_tokens: int, logprobs: int, batch_size: int = 20) -> list[VictimAnswer]:
+    """The victim's greedy answers, and its top-`logprobs` logprobs per token when `logprobs` > 0.
+
+    Asked `batch_size` at a time, as a server batches its queue: a blinded scheme's round trips and weight
+    reads are then shared by the batch (3x faster per question on `secureinfer` at 16).
+    """
+    conversations = [[{"role": "user", "content": question}] for question in questions]
     answers = []
-    for question in questions:
-        messages = [{"role": "user", "content": question}]
-        result = lm.chat(messages, max_new_tokens=max_new_tokens, logprobs=logprobs)
-        top = [[(int(i), float(lp)) for i, lp in report["top"]] for report in result.logprobs] if logprobs else None
-        answers.append(VictimAnswer(lm.tokenizer.apply_chat_template(messages), result.tokens, result.text, top))
+    for start in range(0, len(conversations), batch_size):
+        chunk = conversations[start : start + batch_size]
+        for messages, result in zip(chunk, lm.chat_batch(chunk, max_new_tokens=max_new_tokens, logprobs=logprobs)):
+            top = [[(int(i), float(lp)) for i, lp in report["top"]] for report in result.logprobs] if logprobs else None
+            answers.append(VictimAnswer(lm.tokenizer.apply_chat_template(messages), result.tokens, result.text, top))
     return answers
 
 
@@ -352,12 +357,32 @@ def keyword_hits(texts: Sequence[str], facts: Sequence[dict]) -> int:
     return sum(fact["keyword"].lower() in text.lower() for text, fact in zip(texts, facts))
 
 
-def run_extraction(
+@dataclass
+class BlackBoxRun:
+    """One deployment queried and a surrogate distilled from its answers, scored with the public base and the
+    real adapter. Several device views can be judged against one run (`gray_box`)."""
+
+    scheme: str  # the deployment the API queries went to
+    perturbation: float
+    queries: int
+    logprobs: int
+    epochs: int
+    seed: int
+    answer_tokens: int
+    facts: list[dict]
+    references: list[VictimAnswer]  # the victim's greedy answers to the held-out and general prompts
+    victim_heldout_correct: int
+    fidelity: dict[str, Fidelity]  # base, black_box, white_box
+    train_losses: list[float]
+    seconds: dict[str, float]
+    empty_answers: int
+
+
+def query_and_distil(
     checkpoint: Checkpoint,
     scheme: str,
     queries: int,
     perturbation: float,
-    view_dir: str | Path | None = None,
     *,
     adapter: str | Path = DEMO_ADAPTER,
     facts_file: str | Path = DEMO_FACTS,
@@ -367,10 +392,9 @@ def run_extraction(
     answer_tokens: int = 32,
     channel: str = "inprocess",
     progress: Callable[[str], None] | None = None,
-) -> ExtractionResult:
-    """Query the deployed model (`scheme` + `adapter`) `queries` times, distil a black-box surrogate, take a
-    gray-box one from the device view in `view_dir` (recorded from that deployment; None: not measured), and
-    score them, the public base and the real adapter on the facts' held-out questions and GENERAL_PROMPTS.
+) -> BlackBoxRun:
+    """Query the deployed model (`scheme` + `adapter`) `queries` times, distil a black-box surrogate, and score
+    it, the public base and the real adapter on the facts' held-out questions and GENERAL_PROMPTS.
 
     `channel` only changes how the victim's enclave reaches its device, not what the API returns.
     """
@@ -381,8 +405,7 @@ def run_extraction(
     private = [q for f in facts for q in (f["question"], *f["paraphrases"], f["heldout_question"])]
     questions = attack_queries(facts_data["company"], queries, seed, exclude=private)
     heldout_prompts = [f["heldout_question"] for f in facts]
-    tokenizer = checkpoint.tokenizer
-    pad_id = min(tokenizer.eos_token_ids)  # any id: padding is masked out
+    pad_id = min(checkpoint.tokenizer.eos_token_ids)  # any id: padding is masked out
 
     started = time.perf_counter()
     say(f"querying the {scheme} deployment {queries} times (perturbation {perturbation})")
@@ -391,7 +414,6 @@ def run_extraction(
         seconds["query"] = time.perf_counter() - started
         # The reference the surrogates are scored against: greedy, so unaffected by the perturbation.
         references = ask(lm, [*heldout_prompts, *GENERAL_PROMPTS], answer_tokens, 0)
-    victim_correct = keyword_hits([r.text for r in references], facts)
     seconds["reference"] = time.perf_counter() - started - seconds["query"]
 
     model_dir = checkpoint.details["cache_dir"]
@@ -407,42 +429,84 @@ def run_extraction(
             AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), str(adapter)
         ).eval(),
     }
-    gray_box_source = None
-    if view_dir is not None:
-        stolen = stolen_adapter(DeviceView.load(view_dir))
-        if stolen is None:
-            gray_box_source = "the view holds no adapter tensor in float: gray-box = black-box"
-            surrogates["gray_box"] = black_box
-        else:
-            gray_box_source = f"the view holds the adapter in float ({len(stolen)} tensors): the surrogate is the adapter"
-            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-            surrogates["gray_box"] = peft_from_fused(stolen, base)
-
     started = time.perf_counter()
-    fidelity: dict[str, Fidelity] = {}
-    for name in SURROGATES:
-        if name not in surrogates:
-            continue
+    fidelity = {}
+    for name, model in surrogates.items():
         say(f"scoring {name}")
-        model = surrogates[name]
-        if name == "gray_box" and model is black_box:
-            fidelity[name] = fidelity["black_box"]
-            continue
-        texts = greedy_texts(model, tokenizer, [r.prompt for r in references[: len(facts)]], answer_tokens)
-        fidelity[name] = Fidelity(top1_agreement(model, references, pad_id), keyword_hits(texts, facts), len(facts))
+        fidelity[name] = _fidelity(model, checkpoint, references, facts, answer_tokens)
     seconds["score"] = time.perf_counter() - started
-
-    return ExtractionResult(
+    return BlackBoxRun(
         scheme=scheme,
         perturbation=perturbation,
         queries=queries,
         logprobs=logprobs,
         epochs=epochs,
         seed=seed,
-        gray_box_source=gray_box_source,
-        victim_heldout_correct=victim_correct,
+        answer_tokens=answer_tokens,
+        facts=facts,
+        references=references,
+        victim_heldout_correct=keyword_hits([r.text for r in references], facts),
         fidelity=fidelity,
         train_losses=losses,
         seconds={k: round(v, 1) for k, v in seconds.items()},
-        notes=[f"{sum(not a.tokens for a in answers)} of {queries} answers were empty and taught nothing"],
+        empty_answers=sum(not a.tokens for a in answers),
+    )
+
+
+def _fidelity(model, checkpoint: Checkpoint, references: list[VictimAnswer], facts: list[dict], answer_tokens: int) -> Fidelity:
+    texts = greedy_texts(model, checkpoint.tokenizer, [r.prompt for r in references[: len(facts)]], answer_tokens)
+    pad_id = min(checkpoint.tokenizer.eos_token_ids)
+    return Fidelity(top1_agreement(model, references, pad_id), keyword_hits(texts, facts), len(facts))
+
+
+def gray_box(run: BlackBoxRun, checkpoint: Checkpoint, view_dir: str | Path) -> tuple[str, Fidelity]:
+    """What a device view adds to `run`'s black-box attack: where it holds the adapter in float, the attacker
+    uses it (distilling further could only move it away from the victim); otherwise the black-box surrogate."""
+    stolen = stolen_adapter(DeviceView.load(view_dir))
+    if stolen is None:
+        return "the view holds no adapter tensor in float: gray-box = black-box", run.fidelity["black_box"]
+    base = AutoModelForCausalLM.from_pretrained(checkpoint.details["cache_dir"], dtype=torch.float32)
+    model = peft_from_fused(stolen, base)
+    source = f"the view holds the adapter in float ({len(stolen)} tensors): the surrogate is the adapter"
+    return source, _fidelity(model, checkpoint, run.references, run.facts, run.answer_tokens)
+
+
+def run_extraction(
+    checkpoint: Checkpoint,
+    scheme: str,
+    queries: int,
+    perturbation: float,
+    view_dir: str | Path | None = None,
+    **options,
+) -> ExtractionResult:
+    """`query_and_distil` against `scheme`, plus the gray-box surrogate from the device view in `view_dir`
+    (recorded from that deployment; None: not measured). `options` are `query_and_distil`'s."""
+    return extraction_result(query_and_distil(checkpoint, scheme, queries, perturbation, **options), checkpoint, view_dir)
+
+
+def extraction_result(
+    run: BlackBoxRun, checkpoint: Checkpoint, view_dir: str | Path | None, scheme: str | None = None
+) -> ExtractionResult:
+    """`run` judged against the view in `view_dir` of the deployment `scheme` (default: the one `run` queried)."""
+    fidelity = dict(run.fidelity)
+    source = None
+    started = time.perf_counter()
+    if view_dir is not None:
+        source, fidelity["gray_box"] = gray_box(run, checkpoint, view_dir)
+    notes = [f"{run.empty_answers} of {run.queries} answers were empty and taught nothing"]
+    if scheme is not None and scheme != run.scheme:
+        notes.append(f"the API queries went to {run.scheme}, whose answers are bit-equal to {scheme}'s")
+    return ExtractionResult(
+        scheme=scheme or run.scheme,
+        perturbation=run.perturbation,
+        queries=run.queries,
+        logprobs=run.logprobs,
+        epochs=run.epochs,
+        seed=run.seed,
+        gray_box_source=source,
+        victim_heldout_correct=run.victim_heldout_correct,
+        fidelity={name: fidelity[name] for name in SURROGATES if name in fidelity},
+        train_losses=run.train_losses,
+        seconds=run.seconds | {"gray_box": round(time.perf_counter() - started, 1)},
+        notes=notes,
     )

@@ -59,6 +59,64 @@ def _key_cell(keys: dict | None) -> str:
     return f"{keys['weights_fraction']:.0%} matched from the weights{rope} (worst of {keys['views']} sessions)"
 
 
+def _ratio(value: float | None) -> str:
+    return "n/a (black-box 0)" if value is None else f"{value:.2f}"
+
+
+def extraction_table(report: dict) -> str | None:
+    """One row per scheme and perturbation: fidelity of each surrogate and the TEESlice ratios; None if none ran."""
+    rows = [(scheme, r) for scheme, result in report["schemes"].items() if result["extraction"]["ran"]
+            for r in result["extraction"]["runs"]]  # fmt: skip
+    if not rows:
+        return None
+    lines = [
+        "| scheme | logit noise | API queried | top-1 agreement: base / black / gray / white | held-out facts: base / black / "
+        "gray / white (victim) | gray ÷ black (top-1, facts) | white ÷ black (top-1, facts) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for scheme, run in rows:
+        fidelity = run["fidelity"]
+        order = ["base", "black_box", "gray_box", "white_box"]
+        agreement = " / ".join(f"{fidelity[name]['top1_agreement']:.3f}" for name in order)
+        facts = " / ".join(f"{fidelity[name]['heldout_correct']}" for name in order)
+        total = fidelity["base"]["heldout_total"]
+        ratios = run["ratios"]
+        queried = report["schemes"][scheme]["extraction"]["queried"]
+        lines.append(
+            f"| `{scheme}` | {run['perturbation']:g} | {queried} | {agreement} | {facts} of {total} "
+            f"({run['victim_heldout_correct']}) | {_ratio(ratios['gray/black top1_agreement'])}, "
+            f"{_ratio(ratios['gray/black heldout_accuracy'])} | {_ratio(ratios['white/black top1_agreement'])}, "
+            f"{_ratio(ratios['white/black heldout_accuracy'])} |"
+        )
+    first = rows[0][1]
+    separately = {report["schemes"][scheme]["extraction"].get("git") for scheme, _ in rows} - {report["versions"]["git"]}
+    lines.append("")
+    lines.append(
+        f"Extraction: {first['queries']} API queries (greedy answers, top-{first['logprobs']} logprobs), a rank-8 LoRA "
+        f"distilled on the public base for {first['epochs']} epochs (black-box); gray-box adds the scheme's device "
+        "view of a session with the demo adapter; white-box is the adapter itself. Top-1 agreement is over the "
+        "victim's greedy answers to held-out and general prompts; held-out facts are answered correctly when the "
+        "keyword appears. `API queried` names the deployment the queries went to: a blinded scheme's answers are "
+        "bit-equal to plain-int8's (tested), which answers ~10x faster."
+        + (f" Extraction ran separately, at git {', '.join(sorted(map(str, separately)))}." if separately else "")
+    )
+    return "\n".join(lines)
+
+
+def _extraction_line(extraction: dict) -> str:
+    if not extraction["ran"]:
+        return extraction["why"]
+    parts = []
+    for run in extraction["runs"]:
+        fidelity = run["fidelity"]
+        parts.append(
+            f"logit noise {run['perturbation']:g}: top-1 agreement black-box {fidelity['black_box']['top1_agreement']:.3f}, "
+            f"gray-box {fidelity['gray_box']['top1_agreement']:.3f}, white-box {fidelity['white_box']['top1_agreement']:.3f} "
+            f"(base {fidelity['base']['top1_agreement']:.3f}); {run['gray_box_source']}; {'; '.join(run['notes'])}"
+        )
+    return f"queries to {extraction['queried']}. " + ". ".join(parts)
+
+
 def security_table(report: dict) -> str:
     """One row per scheme: what each attack recovered, with its chance level; the README embeds this."""
     attacks = [name for name in ATTACK_TITLES if any(name in s["conversation_attacks"] for s in report["schemes"].values())]
@@ -80,6 +138,9 @@ def security_table(report: dict) -> str:
         "(an attacker who also knows the chat template gets its ~16% of the ids for free). A tensor of the adapter "
         "counts as found when any run of 8 of its values is in the view's bytes in any common precision."
     )
+    extraction = extraction_table(report)
+    if extraction:
+        lines += ["", extraction]
     return "\n".join(lines)
 
 
@@ -102,7 +163,7 @@ def security_markdown(report: dict) -> str:
             f"- Blinded traffic: {_traffic_cell(result['traffic'])}.",
             f"- Tampering: {_tamper_cell(result['tampering'])}.",
             f"- Demo adapter: {_adapter_cell(result['adapter'])}.",
-            f"- Extraction: {result['extraction']['why']}.",
+            f"- Extraction: {_extraction_line(result['extraction'])}.",
             f"- Time: {result['seconds']:.0f} s.",
             "",
         ]
@@ -146,6 +207,20 @@ def write_report(report: dict, directory: str | Path) -> list[Path]:
     (directory / "security.json").write_text(json.dumps(report, indent=2))
     (directory / "security.md").write_text(security_markdown(report))
     return [directory / "security.json", directory / "security.md", *write_plots(report, directory)]
+
+
+def read_report(directory: str | Path) -> dict:
+    """The security.json an earlier audit wrote into `directory`."""
+    path = Path(directory) / "security.json"
+    try:
+        report = json.loads(path.read_text())
+    except OSError as error:
+        raise InvalidRequestError(f"cannot read {path}: {error.strerror}", "run `secureinfer audit --out DIR` first") from None
+    except json.JSONDecodeError as error:
+        raise InvalidRequestError(f"{path} is not JSON ({error.msg})", "rerun the audit to rewrite it") from None
+    if not isinstance(report, dict) or not isinstance(report.get("schemes"), dict):
+        raise InvalidRequestError(f"{path} is not an audit report", "point --out at a directory `secureinfer audit` wrote")
+    return report
 
 
 def update_readme(readme: str | Path, report: dict) -> None:
