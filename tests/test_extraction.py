@@ -15,6 +15,7 @@ from secureinfer.attacks import audit
 from secureinfer.attacks.audit import FULL, QUICK, ExtractionStage
 from secureinfer.attacks.extraction import (
     VictimAnswer,
+    ask,
     attack_queries,
     distillation_loss,
     peft_from_fused,
@@ -143,6 +144,21 @@ def test_extraction_end_to_end_on_a_tiny_model(tmp_path, tiny_checkpoint, tiny_a
     assert result.ratios()["gray/black top1_agreement"] == pytest.approx(1.0)
 
 
+def test_blinded_deployments_answer_the_api_bit_for_bit_as_their_twin_does(tiny_checkpoint, tiny_adapter):
+    """What lets the audit send a blinded scheme's extraction queries to its twin: same tokens, same logprobs.
+    At equal thread counts: the attention (enclave for one, device for the other) is float, and a different
+    split of threads changes its summation order (logprobs then differ by ~1e-6)."""
+    questions = ["Who made Qm?", "Where is the Qm office?", "Hi"]
+    answers = {}
+    for scheme in ("plain-int8", *audit.ANSWER_TWINS):
+        options = dict(adapter=tiny_adapter, perturbation=0.0, threads=torch.get_num_threads())
+        with SecureLM(tiny_checkpoint, scheme, **options) as lm:
+            answers[scheme] = ask(lm, questions, max_new_tokens=5, logprobs=4, batch_size=2)
+    for scheme, twin in audit.ANSWER_TWINS.items():
+        assert answers[scheme] == answers[twin], scheme
+    assert all(answer.top for answer in answers["plain-int8"])
+
+
 def test_the_audit_extracts_from_each_deployment_and_shares_the_runs_of_answer_twins(
     tmp_path, monkeypatch, tiny_checkpoint, tiny_adapter, tiny_facts
 ):
@@ -173,7 +189,7 @@ def test_the_audit_extracts_from_each_deployment_and_shares_the_runs_of_answer_t
             else:
                 assert "gray-box = black-box" in run["gray_box_source"]
                 assert fidelity["gray_box"] == fidelity["black_box"]
-                assert any("bit-equal" in note for note in run["notes"])
+                assert any("queries went to plain-int8" in note for note in run["notes"])
     assert results["hardened"]["runs"][0]["fidelity"] == results["secureinfer"]["runs"][0]["fidelity"]
 
     skipped = ExtractionStage(tiny_checkpoint, QUICK, seed=0, progress=False)

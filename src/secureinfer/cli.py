@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--extraction-oracle", choices=("twin", "scheme"), default="twin",
         help="where extraction's API queries go: twin (default; plain-int8 for secureinfer and hardened, whose "
-        "answers are bit-equal and ~10x cheaper) or scheme (the scheme itself)",
+        "answers are bit-equal and cheaper to compute) or scheme (the scheme itself)",
     )  # fmt: skip
     audit.add_argument(
         "--extraction-only", action="store_true",

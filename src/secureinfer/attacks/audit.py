@@ -52,9 +52,9 @@ SHORTLIST = 256
 # The extraction issue's comparison; the head-keyed schemes would need the attacker to un-key a view's adapter first.
 EXTRACTION_SCHEMES = ("plain", "secureinfer", "hardened")
 EXTRACTION_PERTURBATIONS = (0.0, PRESETS["hardened"].runtime["perturbation"])  # off, and hardened's default
-# Schemes whose API returns bit for bit what another, cheaper deployment returns (tests/test_blinding.py and
-# tests/test_secureinfer_real.py check it, adapter or not): the black-box queries may go to that twin. A
-# blinded answer costs ~10 s on a 2-core CPU, the twin's well under 1 s batched. The gray-box view is the scheme's own.
+# Schemes whose API returns what another, cheaper deployment returns, tokens and logprobs, bit for bit at equal
+# thread counts (tests/test_extraction.py, test_blinding.py, test_secureinfer_real.py): the black-box queries may go to that twin. A
+# blinded answer took 4.6 s (8 tokens, batched 16 at a time) on a 2-core AVX2 CPU. The gray-box view is the scheme's own.
 ANSWER_TWINS = {"secureinfer": "plain-int8", "hardened": "plain-int8"}
 
 

@@ -495,7 +495,7 @@ def extraction_result(
         source, fidelity["gray_box"] = gray_box(run, checkpoint, view_dir)
     notes = [f"{run.empty_answers} of {run.queries} answers were empty and taught nothing"]
     if scheme is not None and scheme != run.scheme:
-        notes.append(f"the API queries went to {run.scheme}, whose answers are bit-equal to {scheme}'s")
+        notes.append(f"the API queries went to {run.scheme}, which answers as {scheme} does")
     return ExtractionResult(
         scheme=scheme or run.scheme,
         perturbation=run.perturbation,

@@ -97,7 +97,7 @@ def extraction_table(report: dict) -> str | None:
         "view of a session with the demo adapter; white-box is the adapter itself. Top-1 agreement is over the "
         "victim's greedy answers to held-out and general prompts; held-out facts are answered correctly when the "
         "keyword appears. `API queried` names the deployment the queries went to: a blinded scheme's answers are "
-        "bit-equal to plain-int8's (tested), which answers ~10x faster."
+        "plain-int8's, token for token, with logprobs bit-equal at equal thread counts (tested), and plain-int8 answers without pads or round trips."
         + (f" Extraction ran separately, at git {', '.join(sorted(map(str, separately)))}." if separately else "")
     )
     return "\n".join(lines)
