@@ -261,6 +261,44 @@ def test_generate_records_the_device_view_and_honours_the_epc_budget(tmp_path, m
     assert len(runs) == len(json.loads(result.stdout)["tokens"])
 
 
+def test_attack_reads_the_prompt_back_from_a_recorded_plain_view_and_nothing_from_a_blinded_one(tmp_path, model_files):
+    prompt = "the cat and the dog sat on the mat"
+    views = {}
+    for scheme in ("plain", "secureinfer"):
+        views[scheme] = tmp_path / scheme
+        result = run_cli(
+            ["generate", prompt, "--model", model_files["tiny"], "--scheme", scheme, "--record-view", str(views[scheme]),
+             "--max-new-tokens", "2", "--quiet"]
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    tiny = ["--model", model_files["tiny"], "--quiet"]
+    results = run_cli_concurrently({
+        "inversion": ["attack", "kv-inversion", str(views["plain"]), *tiny],
+        "json": ["attack", "kv-inversion", str(views["plain"]), *tiny, "--json"],
+        "blinded": ["attack", "kv-inversion", str(views["secureinfer"]), *tiny],
+        "traffic": ["attack", "traffic", str(views["secureinfer"]), *tiny],
+        "plain traffic": ["attack", "traffic", str(views["plain"]), *tiny],
+        "missing": ["attack", "kv-inversion", str(tmp_path / "nope"), *tiny],
+        "unknown": ["attack", "telepathy", str(views["plain"]), *tiny],
+    })  # fmt: skip
+    assert all(results[name].returncode == 0 for name in ("inversion", "json", "blinded", "traffic")), results
+    assert prompt in results["inversion"].stdout and "in clear" in results["inversion"].stdout
+    data = json.loads(results["json"].stdout)
+    assert data["attack"] == "kv_inversion" and data["nothing_to_attack"] is None and len(data["tokens"]) == 1
+    assert results["blinded"].stdout.startswith("nothing to attack: the device held no KV cache")
+    assert "chi-square uniformity p =" in results["traffic"].stdout and "0 pairs" in results["traffic"].stdout
+    assert results["plain traffic"].stdout.startswith("nothing to attack")
+    assert_one_line_error(results["missing"], "does not exist")
+    assert results["unknown"].returncode == EXIT_USAGE and "telepathy" in results["unknown"].stderr
+
+
+def test_every_conversation_attack_of_the_audit_is_a_command():
+    from secureinfer.attacks.audit import CONVERSATION_ATTACKS
+    from secureinfer.cli import ATTACK_NAMES
+
+    assert {name.replace("-", "_") for name in ATTACK_NAMES} == {*CONVERSATION_ATTACKS, "traffic"}
+
+
 @pytest.mark.parametrize("value", ["12Q", "-1", "0", "lots"])
 def test_a_bad_epc_value_is_one_line(model_files, value):
     assert_one_line_error(run_cli(["generate", "hi", "--model", str(model_files["tiny"]), "--epc", value]), "--epc")

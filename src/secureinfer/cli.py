@@ -13,6 +13,13 @@ from .channel.base import DeviceError
 from .errors import IntegrityError, InvalidRequestError, SecureInferError
 from .plan import PRESETS
 
+# The conversation attacks of attacks/audit.py, as the command line spells them, and the traffic statistics.
+ATTACK_NAMES = (
+    "kv-inversion", "hidden-state-inversion", "vocab-matching", "vocab-matching-sorted", "blinded-nearest-embedding",
+    "kv-inversion-after-key-recovery", "attention-score-matching", "traffic",
+)  # fmt: skip
+
+
 EXIT_USAGE = 2
 
 
@@ -170,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--out", help="also write the JSON report to this file")
     quality.set_defaults(run=_quality)
 
+    attack = commands.add_parser(
+        "attack",
+        help="run one attack on a device view recorded with --record-view and print what it recovers (no ground "
+        "truth needed; `audit` scores every attack against known conversations)",
+    )
+    attack.add_argument("name", choices=ATTACK_NAMES, metavar="ATTACK", help="one of: " + ", ".join(ATTACK_NAMES))
+    attack.add_argument("view", metavar="VIEW", help="a directory recorded with --record-view")
+    attack.add_argument("--model", help="the public base model the adversary holds (default: bundled SmolLM2)")
+    attack.add_argument("--json", action="store_true", help="print the guessed ids and distances as JSON")
+    attack.add_argument("--quiet", action="store_true", help="no progress bars")
+    attack.set_defaults(run=_attack)
+
     audit = commands.add_parser(
         "audit", help="run every attack against every scheme from recorded device views; write the report"
     )
@@ -300,8 +319,6 @@ def _chat_with(lm, args) -> None:
 def _info(args) -> None:
     from .model import load_checkpoint
 
-    from .plan import PRESETS
-
     checkpoint = load_checkpoint(args.model, progress=not args.quiet)
 
     cfg = checkpoint.config
@@ -387,6 +404,44 @@ def _quality(args) -> None:
     from .bench.quality import run_quality
 
     run_quality(args)
+
+
+def _attack(args) -> None:
+    from .attacks.audit import CONVERSATION_ATTACKS, traffic_statistics
+    from .attacks.view import DeviceView
+    from .model import Llama, load_checkpoint
+
+    view = DeviceView.load(args.view)  # a wrong path fails before the model loads
+    if args.name == "traffic":
+        statistics = traffic_statistics(view)
+        if statistics is None:
+            print("nothing to attack: the device received no blinded tensor")
+        else:
+            print(json.dumps(statistics) if args.json else (
+                f"{statistics['elements']:,} blinded field elements received; chi-square uniformity p = "
+                f"{statistics['uniformity_p']:.3g}; {statistics['pad_reuse_pairs']} pairs of rows with a reused pad"
+            ))  # fmt: skip
+        return
+    checkpoint = load_checkpoint(args.model, progress=not args.quiet)
+    public = Llama.from_state_dict(checkpoint.config, checkpoint.weights)
+    recovery = CONVERSATION_ATTACKS[args.name.replace("-", "_")](view, public)
+    if args.json:
+        print(json.dumps({
+            "attack": recovery.attack, "method": recovery.method, "nothing_to_attack": recovery.nothing_to_attack,
+            "tokens": recovery.tokens, "distances": recovery.distances, "used": recovery.used,
+            "clear_token_ids": recovery.clear_token_ids, "notes": recovery.notes,
+        }))  # fmt: skip
+        return
+    if recovery.nothing_to_attack:
+        print(f"nothing to attack: {recovery.nothing_to_attack}")
+        return
+    print(f"{recovery.method}; read {', '.join(recovery.used[:4])}{' ...' if len(recovery.used) > 4 else ''}")
+    for row, guesses in enumerate(recovery.tokens):
+        ids = [token for token in guesses if token is not None]
+        print(f"--- batch row {row}: {len(ids)} positions guessed")
+        print(checkpoint.tokenizer.decode(ids))
+    if recovery.clear_token_ids:
+        print("(the device also received these token ids in clear)")
 
 
 def _audit(args) -> None:

@@ -133,7 +133,7 @@ def _pool_key_recovery(per_view: list[dict]) -> dict | None:
     }
 
 
-def _traffic_statistics(view: DeviceView) -> dict | None:
+def traffic_statistics(view: DeviceView) -> dict | None:
     """Uniformity of everything blinded the device received, and pad reuse within each op."""
     by_op: dict[str, list[torch.Tensor]] = {}
     for message in view.messages:
@@ -272,7 +272,7 @@ def run_audit(
                         continue
                     guesses = recovery.tokens[0][: len(true_ids)]
                     scores[name].append(score_recovery(victim, true_ids[: len(guesses)], guesses, tokenizer, prior))
-                statistics = _traffic_statistics(view)
+                statistics = traffic_statistics(view)
                 if statistics:
                     traffic.append(statistics)
                 if not keep_views:
