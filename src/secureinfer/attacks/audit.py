@@ -244,6 +244,7 @@ def run_audit(
 ) -> dict:
     """Every attack against every scheme; the report `write_report` turns into files."""
     began = time.perf_counter()
+    versions = _versions()  # now: the checkout may move on while a long audit runs
     torch.manual_seed(seed)
     tokenizer, config = checkpoint.tokenizer, checkpoint.config
     public = Llama.from_state_dict(config, checkpoint.weights)  # the adversary's copy of the public base
@@ -301,7 +302,7 @@ def run_audit(
             shutil.rmtree(workdir, ignore_errors=True)
     return {
         "config": asdict(size) | {"schemes": list(schemes), "victims": [v.id for v in victims], "seed": seed},
-        "versions": _versions(),
+        "versions": versions,
         "seconds": time.perf_counter() - began,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "schemes": report_schemes,
@@ -323,10 +324,12 @@ def _pool_traffic(per_view: list[dict]) -> dict | None:
 def _versions() -> dict:
     import transformers
 
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
+        # Uncommitted changes to the code make the commit a poor name for what ran.
+        commit = git("rev-parse", "HEAD").strip() + ("-dirty" if git("status", "--porcelain", "--", ":/src").strip() else "")
     except (OSError, subprocess.CalledProcessError):
         commit = None  # an installed copy outside a checkout
     return {
