@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--model", help="model to audit (default: bundled SmolLM2)")
     audit.add_argument("--quiet", action="store_true", help="no progress bars")
-    audit.add_argument("--quick", action="store_true", help="CI size: 2 victims per scheme, 10 tampered runs per mode")
+    audit.add_argument("--quick", action="store_true", help="CI size: 2 victims per scheme, 10 tampered runs per mode, no extraction")
     audit.add_argument("--scheme", action="append", help="scheme to audit (repeatable; default: plain, kvshield, kvmix, secureinfer, hardened)")
     audit.add_argument("--seed", type=non_negative_int, default=0)
     audit.add_argument("--out", default="report", help="directory for security.json, security.md and plots (default: report)")
