@@ -25,7 +25,9 @@ PROMPTS = ["the cat and the dog", "once upon a time in a land", "is it on"]
 def test_field_product_is_exact_at_the_extremes(backend):
     rng = random.Random(0)
     # 2^30 - 1 fills every 6- and 7-bit limb below the top one; the last weight column sums them all with one sign.
-    rows = [[P - 1] * MAX_INNER_DIM, [2**30 - 1] * MAX_INNER_DIM, [rng.randrange(P) for _ in range(MAX_INNER_DIM)]]
+    # P // 2 and P // 2 + 1 are the largest centred values (+-(P - 1) / 2): the float64 route's worst case.
+    rows = [[P - 1] * MAX_INNER_DIM, [2**30 - 1] * MAX_INNER_DIM, [rng.randrange(P) for _ in range(MAX_INNER_DIM)],
+            [P // 2] * MAX_INNER_DIM, [P // 2 + 1] * MAX_INNER_DIM]  # fmt: skip
     weight = torch.tensor([[rng.choice((-127, 127, rng.randrange(-127, 128))) for _ in range(3)] + [-127] for _ in range(MAX_INNER_DIM)], dtype=torch.int8)
     got = field_matmul(torch.tensor(rows), weight, backend)
     expected = [[sum(x * int(weight[k, j]) for k, x in enumerate(row)) % P for j in range(4)] for row in rows]

@@ -5,8 +5,17 @@ multiplies it by int8 weights. Split into five 7-bit limbs, each limb row times 
 sums at most 1536 * 127 * 127 < 2^31 per output, so `torch._int_mm` (int8 x int8 -> int32) is
 exact; recombined in int64 (< 2^63), everything stays exact. The signed results we recover must
 fit in (-P/2, P/2): with 17-bit activations (|x| <= 65535) and int8 weights over an inner
-dimension of up to 2048, |x W| <= 2048 * 65535 * 127 < 2^34 = P/2. A float64 GEMM would also be
-exact (1536 * 127 * P < 2^53) but reads 8 bytes per weight instead of 1.
+dimension of up to 2048, |x W| <= 2048 * 65535 * 127 < 2^34 = P/2.
+
+Three exact routes compute the same integers; `fastest_backend` picks one per process:
+- int8: five 7-bit limbs through `torch._int_mm`, 1 byte per weight; fast only on CPUs with int8
+  dot-product instructions (AVX512-VNNI, AMX), elsewhere ~30x below a float32 GEMM.
+- float32: six 6-bit limbs as one float32 GEMM; each partial sum is below 2048 * 63 * 127 < 2^24.
+- float64: the field element itself, centred in (-P/2, P/2), as one float64 GEMM; each partial sum
+  is below 2048 * 127 * 2^34 < 2^53. One row per row instead of six: on an AVX2 CPU 2.7-7x faster
+  than float32 for one row (decode) and ~2.5x for 64 (prefill).
+Every partial sum is an integer the float type holds exactly, so the result is exact in any summation
+order (a BLAS may block and reorder freely; none uses Strassen-like schemes, which would not be).
 """
 
 from __future__ import annotations
@@ -28,53 +37,56 @@ def to_signed(values: Tensor) -> Tensor:
     return torch.where(values > P // 2, values - P, values)
 
 
-# The float32 route: six 6-bit limbs. Every partial sum of a limb row times int8 weights is an integer of
-# magnitude at most 2048 * 63 * 127 < 2^24, so float32 represents each one exactly, in any summation order.
 FLOAT_LIMB_BITS = 6
 FLOAT_LIMBS = 6  # 36 bits >= 35
-BACKENDS = ("int8", "float32")
+BACKENDS = ("int8", "float32", "float64")
+WEIGHT_DTYPES = {"int8": torch.int8, "float32": torch.float32, "float64": torch.float64}
 
 
-def _limb_products(rows: Tensor, weight_t: Tensor, backend: str) -> tuple[Tensor, int]:
-    """Each limb of `rows` times the weight, stacked [limbs, n, out] as exact integers; and the limb width."""
+def _exact_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
+    """rows [n, d] in [0, P) times weight_t [d, out], as exact integers congruent mod P to the product."""
+    if backend == "float64":
+        return (to_signed(rows).to(torch.float64) @ weight_t.to(torch.float64)).to(torch.int64)
     bits, count = (LIMB_BITS, LIMBS) if backend == "int8" else (FLOAT_LIMB_BITS, FLOAT_LIMBS)
     limbs = torch.stack([(rows >> (bits * i)) & ((1 << bits) - 1) for i in range(count)]).reshape(-1, rows.shape[-1])
     if backend == "int8":
         partial = torch._int_mm(limbs.to(torch.int8), weight_t)
     else:
         partial = limbs.to(torch.float32) @ weight_t.to(torch.float32)
-    return partial.view(count, rows.shape[0], -1), bits
+    partial = partial.view(count, rows.shape[0], -1)
+    total = torch.zeros(partial.shape[1:], dtype=torch.int64)
+    for i in range(count):
+        total += partial[i].to(torch.int64) << (bits * i)
+    return total
 
 
 def field_matmul(values: Tensor, weight_t: Tensor, backend: str | None = None) -> Tensor:
-    """(values @ weight_t) mod P, exact. values: int64 [n, d] in [0, P); weight_t: int8 [d, out] (or, for the
-    float32 route, its float32 copy, which a caller that multiplies by it often keeps to save the conversion).
+    """(values @ weight_t) mod P, exact. values: int64 [n, d] in [0, P); weight_t: int8 [d, out], or its copy
+    in the backend's float type (`WEIGHT_DTYPES`), which a caller that multiplies by it often keeps to save
+    converting the weight on every call.
 
-    `backend`: "int8" (torch._int_mm, reads 1 byte per weight) or "float32" (an ordinary GEMM on a float copy
-    of the weight); both are exact. By default the faster on this CPU: `_int_mm` has a fast kernel only where
-    the CPU has int8 dot-product instructions (AVX512-VNNI, AMX); elsewhere it runs ~30x below float32.
+    `backend`: "int8", "float32" or "float64" (see the module docstring); by default the fastest on this CPU.
     """
     if values.shape[-1] > MAX_INNER_DIM:
         raise ValueError(f"inner dimension {values.shape[-1]} exceeds {MAX_INNER_DIM}, where exactness is proven")
     rows = values.reshape(-1, values.shape[-1])
-    partial, bits = _limb_products(rows, weight_t, backend or fastest_backend())
-    total = torch.zeros(partial.shape[1:], dtype=torch.int64)
-    for i in range(partial.shape[0]):
-        total += partial[i].to(torch.int64) << (bits * i)
+    total = _exact_product(rows, weight_t, backend or fastest_backend())
     return (total % P).view(*values.shape[:-1], -1)
 
 
 @functools.cache
 def fastest_backend() -> str:
-    """Time both backends once per process on a layer-sized product and keep the faster."""
+    """Time every backend once per process on a layer-sized product, at one row (a decode step) and at 32
+    (a prefill or pad batch), with the weight in the backend's own type as the device keeps it; keep the fastest."""
     generator = torch.Generator().manual_seed(0)
-    rows = torch.randint(0, P, (8, 576), generator=generator)
-    weight_t = torch.randint(-127, 128, (576, 768), generator=generator, dtype=torch.int8)
+    weight_t = torch.randint(-127, 128, (576, 1536), generator=generator, dtype=torch.int8)
+    batches = [torch.randint(0, P, (n, 576), generator=generator) for n in (1, 32)]
     timings = {}
     for backend in BACKENDS:
-        _limb_products(rows, weight_t, backend)  # warm-up
+        weight = weight_t.to(WEIGHT_DTYPES[backend])
+        _exact_product(batches[0], weight, backend)  # warm-up
         began = time.perf_counter()
-        for _ in range(2):
-            _limb_products(rows, weight_t, backend)
+        for rows in batches * 2:
+            _exact_product(rows, weight, backend)
         timings[backend] = time.perf_counter() - began
     return min(timings, key=timings.get)
