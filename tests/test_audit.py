@@ -106,6 +106,9 @@ def test_report_files_are_written(tmp_path):
     assert json.loads((tmp_path / "report" / "security.json").read_text())["schemes"].keys() == {"plain", "secureinfer"}
     markdown = (tmp_path / "report" / "security.md").read_text()
     assert "the device held no KV cache" in markdown and "sensitive fields recovered 99%" in markdown
+    assert "Note:" not in markdown
+    write_report(_report() | {"notes": ["ran on a borrowed machine"]}, tmp_path / "noted")
+    assert "Note: ran on a borrowed machine" in (tmp_path / "noted" / "security.md").read_text()
     plots = [f for f in files if f.suffix == ".png"]
     assert plots and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
 

@@ -168,6 +168,7 @@ def security_markdown(report: dict) -> str:
             "",
         ]
     lines.append(f"Versions: {json.dumps(report['versions'])}; peak memory {report['peak_rss_mib']:.0f} MiB.")
+    lines += [f"\nNote: {note}" for note in report.get("notes", [])]  # provenance the run itself could not record
     return "\n".join(lines) + "\n"
 
 
