@@ -178,6 +178,7 @@ class ExtractionStage:
         self.checkpoint, self.size, self.seed, self.progress = checkpoint, size, seed, progress
         self.options = options  # query_and_distil's, e.g. another adapter and fact set for a model of other shapes
         self.runs: dict[tuple[str, float], BlackBoxRun] = {}
+        self.git = _versions()["git"]  # the code that runs is the code at the start
 
     def __call__(self, scheme: str, view_dir: Path) -> dict:
         if not self.size.extraction_queries:
@@ -196,7 +197,7 @@ class ExtractionStage:
                 )  # fmt: skip
             run = self.runs[queried, perturbation]
             results.append(extraction_result(run, self.checkpoint, view_dir, scheme).to_dict())
-        return {"ran": True, "queried": queried, "runs": results, "git": _versions()["git"]}
+        return {"ran": True, "queried": queried, "runs": results, "git": self.git}
 
 
 def run_extraction_audit(
