@@ -42,6 +42,10 @@ class _Batch:
     next_row: int = 0
 
     @property
+    def nbytes(self) -> int:
+        return (self.r.numel() + self.u.numel()) * 8
+
+    @property
     def left(self) -> int:
         return self.r.shape[0] - self.next_row
 
@@ -73,6 +77,7 @@ class PadPool:
         self.low_water = max(1, batch_rows // 2)
         self.stats = PadStats()
         self._pools: dict[str, list[_Batch]] = {name: [] for name in weights_t}
+        self._held_bytes = 0  # of every batch still pooled, spent rows included: kept, not summed per take
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
@@ -96,6 +101,7 @@ class PadPool:
                     batch.next_row = end
                     if not batch.left:
                         pool.pop(0)  # spent: drop it so nothing can hand its rows out again
+                        self._held_bytes -= batch.nbytes
                     continue
             began = time.perf_counter()
             self.refill(name, max(needed, self.batch_rows))
@@ -114,7 +120,9 @@ class PadPool:
         r = uniform_field(rows, weight_t.shape[0])
         u = field_matmul(r, weight_t)
         with self._lock:
-            self._pools[name].append(_Batch(r, u))
+            batch = _Batch(r, u)
+            self._pools[name].append(batch)
+            self._held_bytes += batch.nbytes
             self.stats.generated_rows += rows
             self.stats.batches += 1
             self.stats.offline_macs += rows * weight_t.shape[0] * weight_t.shape[1]
@@ -131,7 +139,7 @@ class PadPool:
 
     def held_bytes(self) -> int:
         with self._lock:
-            return sum((b.r.numel() + b.u.numel()) * 8 for pool in self._pools.values() for b in pool)
+            return self._held_bytes
 
     def close(self) -> None:
         self._closed = True

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..channel.wire import ERROR, OK, Tensors
-from ..crypto.field import WEIGHT_DTYPES, fastest_backend
+from ..crypto.field import product_weight
 from ..errors import SecureInferError
 from ..model.config import ModelConfig
 from ..model.kernels import KERNELS, StepContext, blinded_product, run_ops
@@ -65,8 +65,8 @@ class DeviceEndpoint:
         self.rope: tuple[Tensor, Tensor] | None = None
         self.weights: Tensors = {}
         # What the kernels read: the weights as held, except that an int8 weight the field product reads is
-        # replaced by a copy in the float type that product runs in (crypto/field.py): converting every
-        # weight on every call would cost more than the product itself.
+        # replaced by a copy laid out for that product (`product_weight`): converting every weight on every
+        # call would cost more than the product itself.
         self.compute_weights: Tensors = {}
         self.aliases: dict[str, str] = {}  # alias -> the name it shares a tensor with (tied embeddings)
         self.cache: KVCache | None = None
@@ -150,12 +150,11 @@ class DeviceEndpoint:
 
     def _put_weights(self, meta: Meta, tensors: Tensors) -> tuple[Meta, Tensors]:
         self._require_hello()
-        product_dtype = WEIGHT_DTYPES[fastest_backend()]
         for name, tensor in tensors.items():
             self.weights[name] = tensor.to(self.device)
             self.aliases.pop(name, None)
             field_weight = name.endswith(".q") and tensor.dtype == torch.int8
-            self.compute_weights[name] = self.weights[name].to(product_dtype) if field_weight else self.weights[name]
+            self.compute_weights[name] = product_weight(self.weights[name]) if field_weight else self.weights[name]
         for alias, target in meta.get("aliases", {}).items():
             if target not in self.weights:
                 raise KeyError(f"alias {alias!r} names weight {target!r}, which the device does not hold")
