@@ -1,10 +1,12 @@
 """Speed, side by side in one run: our in-process engine, transformers' `generate`, and each scheme
 through the real trust boundary. Same weights, threads and prompt for all.
 
-Runs go round-robin over the runners, so drift on a shared machine hits all alike. Decode speed is
+Runs go round-robin over the cases (prompt length x new tokens) and runners, so drift on a shared machine
+hits all alike. Decode speed is
 (tokens - 1) / (time of last token - time of first token); time to first token includes prefill.
 For schemes, the channel's measured round trips and bytes are reported next to the plan's
-analytic figures, with a time breakdown (enclave compute, device compute, transfer).
+analytic figures, with a time breakdown (enclave compute, device compute, transfer), and issue 7's targets
+are judged against the measurements (targets.py).
 """
 
 from __future__ import annotations
@@ -21,8 +23,15 @@ from typing import Callable
 import torch
 
 from ..api import SecureLM
+from ..data import EVAL_TEXT
 from ..engine import GenerationConfig, Generator
+from ..errors import InvalidRequestError
 from ..model import Checkpoint, Llama, load_checkpoint
+from ..plan import PRESETS, build_plan
+from ..plan.ops import weight_names
+from ..plan.plan import LAST_POSITION_OPS
+from .analytic import analytic_markdown, decode_costs, model_analytic, pad_flops
+from .targets import cell, describe, judge, target
 
 BENCH_MESSAGES = [{"role": "user", "content": "Explain in detail how a steam engine works, step by step."}]
 DECODE_TARGET, DECODE_STRETCH, SECOND_LOAD_LIMIT_S = 1.0, 1.5, 2.0
@@ -33,23 +42,40 @@ DEFAULT_SCHEMES = (
 )
 
 
+@dataclass(frozen=True)
+class Case:
+    """One request shape of the bench: what the generator is given, its token ids, and how many tokens to make."""
+
+    prompt: str | tuple  # raw text, or chat messages
+    ids: tuple[int, ...]
+    new_tokens: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return len(self.ids), self.new_tokens
+
+
 @dataclass
 class Runner:
     name: str
-    run: Callable[[int], tuple[float, float]]  # new tokens -> (ttft_s, decode_tok_s)
+    run: Callable[[Case], tuple[float, float]]  # -> (ttft_s, decode_tok_s)
     threads: int = 1  # torch threads in this process while it runs
-    ttft_s: list[float] = field(default_factory=list)
-    decode_tok_s: list[float] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
+    ttft_s: dict = field(default_factory=dict)  # per case key
+    decode_tok_s: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # per case key: the last run's measured detail
 
-    def time(self, new_tokens: int) -> None:
+    def time(self, case: Case) -> None:
         torch.set_num_threads(self.threads)
-        ttft, decode = self.run(new_tokens)
-        self.ttft_s.append(ttft)
-        self.decode_tok_s.append(decode)
+        ttft, decode = self.run(case)
+        self.ttft_s.setdefault(case.key, []).append(ttft)
+        self.decode_tok_s.setdefault(case.key, []).append(decode)
 
-    def summary(self) -> dict:
-        return {"ttft_s": summarize(self.ttft_s), "decode_tok_s": summarize(self.decode_tok_s), **self.extra}
+    def summary(self, case: Case) -> dict:
+        return {
+            "ttft_s": summarize(self.ttft_s[case.key]),
+            "decode_tok_s": summarize(self.decode_tok_s[case.key]),
+            **self.extra.get(case.key, {}),
+        }
 
 
 def summarize(values: list[float]) -> dict:
@@ -72,19 +98,19 @@ class _TokenClock:
         pass
 
 
-def transformers_runner(checkpoint: Checkpoint, prompt_ids: list[int]) -> Runner:
+def transformers_runner(checkpoint: Checkpoint) -> Runner:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig(**checkpoint.config.to_hf_config())).eval()
     model.load_state_dict(checkpoint.weights, strict=not checkpoint.config.tie_word_embeddings)
     model.generation_config.eos_token_id = None  # exactly the requested steps, as ours with ignore_eos
 
-    def run(new_tokens: int) -> tuple[float, float]:
+    def run(case: Case) -> tuple[float, float]:
         clock = _TokenClock()
         start = time.perf_counter()
         with torch.inference_mode():
             model.generate(
-                torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock
+                torch.tensor([case.ids]), max_new_tokens=case.new_tokens, do_sample=False, pad_token_id=0, streamer=clock
             )
         return clock.times[0] - start, (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
@@ -92,28 +118,51 @@ def transformers_runner(checkpoint: Checkpoint, prompt_ids: list[int]) -> Runner
 
 
 def generator_runner(name: str, generator: Generator) -> Runner:
-    def run(new_tokens: int) -> tuple[float, float]:
-        result = generator.generate(BENCH_MESSAGES, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
+    def run(case: Case) -> tuple[float, float]:
+        prompt = case.prompt if isinstance(case.prompt, str) else list(case.prompt)
+        result = generator.generate(prompt, GenerationConfig(max_new_tokens=case.new_tokens, ignore_eos=True))
         return result.ttft_s, result.decode_tok_s
 
     return Runner(name, run, torch.get_num_threads())
 
 
-def scheme_runner(lm: SecureLM, prompt_tokens: int) -> Runner:
-    """Times a scheme and, per run, compares its measured channel traffic with the plan's analytic costs."""
+def top_up_pads(pads, case: Case) -> None:
+    """Online mode's offline phase, untimed: make every pad the request will take before it starts.
+
+    A layer weight pads every prompt position in the prefill and one per later step; last-position weights
+    (the LM head) one per generated token. The extra `low_water` rows keep the background refill thread
+    asleep, so no pad is made while the request runs.
+    """
+    prompt_tokens, new_tokens = case.key
+    last_position = {name for op in LAST_POSITION_OPS for name in weight_names(op, None)}
+    for name in pads.weights_t:
+        rows = new_tokens if name in last_position else prompt_tokens + new_tokens - 1
+        missing = rows + pads.low_water - pads.available(name)
+        if missing > 0:
+            pads.refill(name, missing)
+
+
+def scheme_runner(lm: SecureLM, pads: str = "online") -> Runner:
+    """Times a scheme and, per run, compares its measured channel traffic with the plan's analytic costs.
+
+    `pads`: "online" makes the request's pads before it is timed (their cost is reported as offline work);
+    "inline" leaves them to the background thread and to stalls during the request (end to end)."""
     runner = generator_runner(lm.scheme, lm.generator)
     runner.threads = lm.threads or runner.threads
     timed = runner.run
 
-    def run(new_tokens: int) -> tuple[float, float]:
+    def run(case: Case) -> tuple[float, float]:
         lm.runtime.reset_stats()
-        ttft_s, decode_tok_s = timed(new_tokens)
+        if pads == "online":
+            top_up_pads(lm.runtime.pads, case)  # after the reset: its work shows in the offline pad figures
+        ttft_s, decode_tok_s = timed(case)
         stats = lm.stats()
+        prompt_tokens, new_tokens = case.key
         prefill = lm.costs(context=prompt_tokens, tokens=prompt_tokens)
         decode = lm.costs(context=prompt_tokens + new_tokens // 2)
         steps = new_tokens - 1  # forwards after the prefill
         per_token = lambda total: total / new_tokens  # noqa: E731 - one forward per generated token
-        runner.extra = {
+        runner.extra[case.key] = {
             "measured_per_token": {
                 "round_trips": per_token(stats["channel"]["round_trips_by_kind"].get("run", 0)),
                 "bytes_to_device": per_token(stats["channel"]["payload_bytes_sent"]),
@@ -125,11 +174,13 @@ def scheme_runner(lm: SecureLM, prompt_tokens: int) -> Runner:
                 "bytes_to_device": per_token(prefill.bytes_to_device + steps * decode.bytes_to_device),
                 "bytes_from_device": per_token(prefill.bytes_from_device + steps * decode.bytes_from_device),
                 "enclave_flops": decode.enclave_flops,
+                "offline_pad_flops": pad_flops(lm.plan),
                 "device_flops": decode.device_flops,
             },
             "enclave_memory": stats["memory"],
-            # Offline pad work runs in the background thread (overlapping device waits) except for stalls,
-            # which sit on the critical path; both are reported per token, apart from online enclave time.
+            # Offline pad work runs before the request (online mode) or in the background thread, overlapping
+            # device waits, except for stalls, which sit on the critical path; all reported per token, apart
+            # from online enclave time.
             "offline_pad_ms_per_token": per_token(stats["pads"]["offline_s"]) * 1000,
             "stalled_pad_ms_per_token": per_token(stats["pads"]["stall_s"]) * 1000,
             "offline_pad_macs_per_token": per_token(stats["pads"]["offline_macs"]),
@@ -141,40 +192,89 @@ def scheme_runner(lm: SecureLM, prompt_tokens: int) -> Runner:
     return runner
 
 
+def sweep_prompt(tokenizer, tokens: int) -> tuple[str, list[int]]:
+    """Text from the shipped evaluation text (repeated if short) that encodes to exactly `tokens` ids.
+
+    Cutting the ids and decoding can re-encode differently at the cut (a split word merges otherwise), so the
+    cut moves until the text round-trips to the requested count."""
+    text = EVAL_TEXT.read_text(encoding="utf-8")
+    source = text
+    while len(ids := tokenizer.encode(source)) < tokens + 16:
+        source += "\n\n" + text
+    cut = tokens
+    for _ in range(16):
+        prompt = tokenizer.decode(ids[:cut])
+        encoded = tokenizer.encode(prompt)
+        if len(encoded) == tokens:
+            return prompt, encoded
+        cut += tokens - len(encoded)
+    raise InvalidRequestError(
+        f"could not cut the evaluation text to exactly {tokens} tokens", "pick a slightly different --prompt-lengths value"
+    )
+
+
+def bench_cases(tokenizer, context_length: int, prompt_lengths, gen_lengths, max_new_tokens: int) -> list[Case]:
+    """Every (prompt, new tokens) pair; without lengths, the chat prompt and --max-new-tokens as before."""
+    gens = gen_lengths or (max_new_tokens,)
+    if prompt_lengths:
+        longest = max(prompt_lengths) + max(gens)
+        if longest > context_length:
+            raise InvalidRequestError(
+                f"a {max(prompt_lengths)}-token prompt with {max(gens)} new tokens needs {longest} positions, but the "
+                f"model's context holds {context_length}",
+                f"pick --prompt-lengths and --gen-lengths that add up to at most {context_length}",
+            )
+        prompts = [sweep_prompt(tokenizer, n) for n in prompt_lengths]
+    else:
+        prompts = [(tuple(BENCH_MESSAGES), tokenizer.apply_chat_template(BENCH_MESSAGES))]
+        if len(prompts[0][1]) + max(gens) > context_length:
+            raise InvalidRequestError(
+                f"the {len(prompts[0][1])}-token chat prompt with {max(gens)} new tokens exceeds the model's context of "
+                f"{context_length}",
+                "pass a smaller --max-new-tokens or --gen-lengths",
+            )
+    return [Case(prompt, tuple(ids), gen) for prompt, ids in prompts for gen in gens]
+
+
 def run_speed_bench(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     first = load_checkpoint(args.model, progress=not args.quiet)
     second = load_checkpoint(args.model, progress=False)
-    tokenizer = second.tokenizer
-    prompt_ids = tokenizer.apply_chat_template(BENCH_MESSAGES)
-    engine = Generator(Llama.from_state_dict(second.config, second.weights), tokenizer, second.config.max_position_embeddings)
-    runners = [generator_runner(ENGINE, engine), transformers_runner(second, prompt_ids)]
+    config, tokenizer = second.config, second.tokenizer
+    cases = bench_cases(tokenizer, config.max_position_embeddings, args.prompt_lengths, args.gen_lengths, args.max_new_tokens)
+    engine = Generator(Llama.from_state_dict(config, second.weights), tokenizer, config.max_position_embeddings)
+    runners = [generator_runner(ENGINE, engine), transformers_runner(second)]
     base_threads = torch.get_num_threads()
     schemes = []
     for scheme in dict.fromkeys(args.scheme or DEFAULT_SCHEMES):
         schemes.append(SecureLM(second, scheme, channel=args.channel, device=args.device, threads=args.threads))
         torch.set_num_threads(base_threads)  # a scheme may split the cores for itself; the runners set their own
-        runners.append(scheme_runner(schemes[-1], len(prompt_ids)))
+        runners.append(scheme_runner(schemes[-1], args.pads))
     try:
+        warm_up = Case(cases[0].prompt, cases[0].ids, 4)
         for runner in runners:
             torch.set_num_threads(runner.threads)
-            runner.run(4)  # warm-up: allocator, thread pools, the device's first step
+            runner.run(warm_up)  # allocator, thread pools, the device's first step
         for _ in range(args.repeats):
-            for runner in runners:
-                runner.time(args.max_new_tokens)
+            for case in cases:  # round-robin over cases and runners: drift hits all alike
+                for runner in runners:
+                    runner.time(case)
     finally:
         for lm in schemes:
             lm.close()
 
-    results = {runner.name: runner.summary() for runner in runners}
+    reports = [case_report(case, runners, config) for case in cases]
+    headline = reports[0]
+    load_target = target(
+        "load", "second load of the model", second.details["load_s"], "<", SECOND_LOAD_LIMIT_S, unit=" s"
+    )
     report = {
         "model": str(second.source),
         "threads": {runner.name: runner.threads for runner in runners},
         "channel": args.channel,
         "device": args.device,
-        "prompt_tokens": len(prompt_ids),
-        "new_tokens": args.max_new_tokens,
+        "pads": args.pads,
         "repeats": args.repeats,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "load": {
@@ -182,18 +282,40 @@ def run_speed_bench(args) -> dict:
             "first_cache_hit": first.details.get("cache_hit"),
             "second_s": second.details["load_s"],
         },
-        "results": results,
-        "ratios": _ratios(results),
+        **headline,  # the first case, as the bench reported before sweeps existed
+        "targets": headline["targets"] + [load_target],
+        "analytic": model_analytic(config, [lm.scheme for lm in schemes], headline["prompt_tokens"] + headline["new_tokens"] // 2),
     }
-    decode_ratio = report["ratios"][ENGINE]["decode_vs_transformers"]
-    report["targets"] = {
-        f"engine decode >= {DECODE_TARGET}x transformers": decode_ratio >= DECODE_TARGET,
-        f"engine decode >= {DECODE_STRETCH}x transformers (stretch)": decode_ratio >= DECODE_STRETCH,
-        f"second load < {SECOND_LOAD_LIMIT_S} s": second.details["load_s"] < SECOND_LOAD_LIMIT_S,
-    }
+    if len(reports) > 1:
+        report["sweep"] = reports
+    if args.plots:
+        from .plots import write_plots  # matplotlib only when asked for
+
+        report["plots"] = [str(p) for p in write_plots(report, args.plots)]
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report) if args.json else to_markdown(report))
+    return report
+
+
+def case_report(case: Case, runners: list[Runner], config) -> dict:
+    results = {runner.name: runner.summary(case) for runner in runners}
+    prompt_tokens, new_tokens = case.key
+    context = prompt_tokens + new_tokens // 2  # the middle of decode, as the runners' analytic figures
+    report = {
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "results": results,
+        "ratios": _ratios(results),
+        # Every preset, whichever ran: T3's analytic bound needs `enclave` and `secureinfer` in any run.
+        "analytic_per_token": {scheme: decode_costs(build_plan(scheme, config), context) for scheme in PRESETS},
+    }
+    engine_ratio = report["ratios"][ENGINE]["decode_vs_transformers"]
+    report["targets"] = [
+        target("engine", "engine decode speed vs transformers", engine_ratio, ">=", DECODE_TARGET),
+        target("engine", "engine decode speed vs transformers (stretch)", engine_ratio, ">=", DECODE_STRETCH),
+        *judge(report, config.num_layers, TRANSFORMERS),
+    ]
     return report
 
 
@@ -213,11 +335,31 @@ def _ratios(results: dict) -> dict:
 
 
 def to_markdown(report: dict) -> str:
-    results, ratios = report["results"], report["ratios"]
     lines = [
-        f"{Path(report['model']).name}: {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, "
-        f"{report['channel']} channel, device {report['device']}, threads per process {report['threads']}; "
-        f"median (min-max) of {report['repeats']} runs, round-robin",
+        f"{Path(report['model']).name}: {report['channel']} channel, device {report['device']}, pads {report['pads']}, "
+        f"threads per process {report['threads']}; median (min-max) of {report['repeats']} runs, round-robin",
+        "",
+        *case_markdown(report),
+    ]
+    if "sweep" in report:
+        lines += ["", *sweep_markdown(report["sweep"])]
+    load = report["load"]
+    lines += [
+        "",
+        f"model load: first {load['first_s']:.2f} s (cache hit: {load['first_cache_hit']}), second {load['second_s']:.2f} s",
+        "",
+        f"Targets ({report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, pads {report['pads']}):",
+        *[describe(t) for t in report["targets"]],
+        "",
+        analytic_markdown(report["analytic"]),
+    ]
+    return "\n".join(lines)
+
+
+def case_markdown(case: dict) -> list[str]:
+    results, ratios = case["results"], case["ratios"]
+    lines = [
+        f"{case['prompt_tokens']}-token prompt, {case['new_tokens']} new tokens:",
         "",
         "| runner | time to first token, ms | decode, tokens/s | decode vs transformers | vs plain | vs enclave |",
         "|---|---|---|---|---|---|",
@@ -235,11 +377,12 @@ def to_markdown(report: dict) -> str:
     if schemes:
         lines += [
             "",
-            "Per generated token (last run), measured / analytic:",
+            "Per generated token (last run), measured / analytic; enclave and device FLOPs analytic, per decode step:",
             "",
             "| scheme | round trips | bytes to device | bytes from device | enclave compute ms | device compute ms "
-            "| transfer ms | offline pads ms (stalled) | integrity checks ms | enclave peak MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| transfer ms | offline pads ms (stalled) | integrity checks ms | enclave peak MiB "
+            "| enclave MFLOPs (online + pads) | device MFLOPs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in schemes.items():
             m, a = r["measured_per_token"], r["analytic_per_token"]
@@ -249,13 +392,34 @@ def to_markdown(report: dict) -> str:
                 f"| {m['bytes_from_device']:,.0f} / {a['bytes_from_device']:,.0f} "
                 f"| {m['enclave_compute_s'] * 1000:.2f} | {m['device_compute_s'] * 1000:.2f} | {m['transfer_s'] * 1000:.2f} "
                 f"| {r['offline_pad_ms_per_token']:.2f} ({r['stalled_pad_ms_per_token']:.2f}) "
-                f"| {r['integrity_ms_per_token']:.2f} | {r['enclave_memory']['peak_bytes'] / (1 << 20):,.1f} |"
+                f"| {r['integrity_ms_per_token']:.2f} | {r['enclave_memory']['peak_bytes'] / (1 << 20):,.1f} "
+                f"| {a['enclave_flops'] / 1e6:,.2f} + {a['offline_pad_flops'] / 1e6:,.2f} | {a['device_flops'] / 1e6:,.2f} |"
             )
-    load = report["load"]
+    return lines
+
+
+def sweep_markdown(cases: list[dict]) -> list[str]:
+    """Every case side by side: speed per runner, then the targets per case."""
+    runners = list(cases[0]["results"])
+    lines = [
+        "Sweep: time to first token ms / decode tokens/s (medians) per runner",
+        "",
+        "| prompt | new | " + " | ".join(runners) + " |",
+        "|---|---|" + "---|" * len(runners),
+    ]
+    for case in cases:
+        cells = [
+            f"{r['ttft_s']['median'] * 1000:.1f} / {r['decode_tok_s']['median']:.1f}" for r in case["results"].values()
+        ]
+        lines.append(f"| {case['prompt_tokens']} | {case['new_tokens']} | " + " | ".join(cells) + " |")
+    names = [f"{t['id']} {t['name']}" for t in cases[0]["targets"]]
     lines += [
         "",
-        f"model load: first {load['first_s']:.2f} s (cache hit: {load['first_cache_hit']}), second {load['second_s']:.2f} s",
+        "Sweep: targets per case",
         "",
-        *[f"- [{'x' if met else ' '}] {target}" for target, met in report["targets"].items()],
+        "| prompt | new | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
     ]
-    return "\n".join(lines)
+    for case in cases:
+        lines.append(f"| {case['prompt_tokens']} | {case['new_tokens']} | " + " | ".join(cell(t) for t in case["targets"]) + " |")
+    return lines
