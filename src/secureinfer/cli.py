@@ -159,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--scheme", action="append", help="scheme to time (repeatable; default: every scheme)")
     bench.add_argument("--max-new-tokens", type=positive_int, default=64)
     bench.add_argument("--repeats", type=positive_int, default=5)
+    lengths = _bounded(
+        lambda text: tuple(int(part) for part in text.split(",")), "a comma list of integers >= 1, like 32,128,512",
+        lambda values: min(values) >= 1,
+    )  # fmt: skip
+    bench.add_argument("--prompt-lengths", type=lengths, help="sweep: prompts of exactly these token counts, cut from the shipped text")
+    bench.add_argument("--gen-lengths", type=lengths, help="sweep: new tokens per request (default: --max-new-tokens)")
+    bench.add_argument(
+        "--pads", choices=("online", "inline"), default="online",
+        help="online (default): make a request's pads before timing it; inline: during it, end to end",
+    )  # fmt: skip
+    bench.add_argument("--scaling", action="store_true", help="analytic costs of LLaMA-2-shaped models of 58M-7B parameters; no timing")
+    bench.add_argument("--plots", metavar="DIR", help="write PNG plots of the report to DIR")
     bench.add_argument("--json", action="store_true", help="print the full report as JSON")
     bench.add_argument("--out", help="also write the JSON report to this file")
     bench.set_defaults(run=_bench)
@@ -395,6 +407,11 @@ def _partition(args) -> None:
 
 
 def _bench(args) -> None:
+    if args.scaling:
+        from .bench.analytic import run_scaling
+
+        run_scaling(args)
+        return
     from .bench.speed import run_speed_bench
 
     run_speed_bench(args)
