@@ -41,4 +41,27 @@ def test_scheme_traffic_is_measured_and_matches_the_analytic_figures(report):
 
 def test_the_markdown_shows_the_breakdown(report):
     text = to_markdown(report)
-    assert "| plain |" in text and "transfer ms" in text and "second load" in text
+    assert "| plain |" in text and "transfer ms" in text and "second load" in text and "T4 secureinfer round trips per token" in text
+
+
+def test_online_pads_keep_the_request_from_making_any(report):
+    """The default run made every pad before timing: none is made on the request path, all are counted offline."""
+    assert report["pads"] == "online"
+    for scheme in ("secureinfer", "hardened", "kvmix"):
+        result = report["results"][scheme]
+        assert result["stalled_pad_ms_per_token"] == 0, scheme
+        assert result["offline_pad_ms_per_token"] > 0 and result["offline_pad_macs_per_token"] > 0, scheme
+
+
+def test_the_targets_are_judged_against_this_runs_numbers(report):
+    targets = {(t["id"], t["name"]): t for t in report["targets"]}
+    round_trips = targets["T4", "secureinfer round trips per token"]
+    assert round_trips["bound"] == 4 * 2 + 1  # the tiny model has 2 layers
+    assert round_trips["measured"] == report["results"]["secureinfer"]["measured_per_token"]["round_trips"]
+    assert round_trips["met"] == (round_trips["measured"] <= 9)
+    latency = targets["T2", "secureinfer decode latency vs plain"]
+    speeds = {name: report["results"][name]["decode_tok_s"]["median"] for name in ("plain", "secureinfer")}
+    assert latency["measured"] == pytest.approx(speeds["plain"] / speeds["secureinfer"])
+    assert latency["met"] == (latency["measured"] <= 1.3)
+    text = to_markdown(report)
+    assert all(f"{t['id']} {t['name']}" in text for t in report["targets"])

@@ -76,7 +76,7 @@ def judge(case: dict, num_layers: int, transformers: str) -> list[dict]:
             "T4", "secureinfer transfer time per token vs decode time per token",
             # Decode time per token is 1 / decode speed; transfer per token includes the prompt's, amortized.
             measured("secureinfer", lambda r: r["measured_per_token"]["transfer_s"] * r["decode_tok_s"]["median"]),
-            "<", TRANSFER_FRACTION, why_missing=needs("secureinfer"),
+            "<", TRANSFER_FRACTION, unit="", why_missing=needs("secureinfer"),
         ),
     ]
 
@@ -86,7 +86,7 @@ def describe(t: dict) -> str:
         return f"- [ ] {t['id']} {t['name']}: not measured ({t['not_measured']}); bound {t['relation']} {t['bound']:g}{t['unit']}"
     verdict = "met" if t["met"] else "missed"
     return (
-        f"- [{'x' if t['met'] else ' '}] {t['id']} {t['name']}: {t['measured']:.3g}{t['unit']} "
+        f"- [{'x' if t['met'] else ' '}] {t['id']} {t['name']}: {t['measured']:.4g}{t['unit']} "
         f"(bound {t['relation']} {t['bound']:g}{t['unit']}): {verdict}"
     )
 
@@ -95,4 +95,4 @@ def cell(t: dict) -> str:
     """A compact form for the sweep's table."""
     if t["met"] is None:
         return "-"
-    return f"{t['measured']:.3g}{t['unit']} {'met' if t['met'] else 'missed'}"
+    return f"{t['measured']:.4g}{t['unit']} {'met' if t['met'] else 'missed'}"

@@ -1,0 +1,97 @@
+"""The bench's context sweep, scaling study and plots on the tiny model; and its CLI errors."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+import pytest
+
+from secureinfer.bench.analytic import EPC_LINES, MIB, scaling, scaling_configs
+from secureinfer.bench.speed import TRANSFORMERS, bench_cases, run_speed_bench, sweep_prompt
+from secureinfer.crypto.field import MAX_INNER_DIM
+from secureinfer.errors import InvalidRequestError
+from secureinfer.model import load_checkpoint
+from secureinfer.plan import build_plan
+from secureinfer.plan.costs import weight_shape
+from test_cli import assert_one_line_error, run_cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_gguf):
+    return load_checkpoint(tiny_gguf, progress=False)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 37, 100, 7000])  # 7000: longer than the text, so it repeats
+def test_sweep_prompts_have_exactly_the_requested_tokens(tiny_checkpoint, tokens):
+    text, ids = sweep_prompt(tiny_checkpoint.tokenizer, tokens)
+    assert len(ids) == tokens and tiny_checkpoint.tokenizer.encode(text) == ids
+
+
+def test_a_sweep_that_outgrows_the_context_is_refused(tiny_checkpoint):
+    with pytest.raises(InvalidRequestError, match="needs 130 positions"):
+        bench_cases(tiny_checkpoint.tokenizer, 128, (32, 120), (4, 10), 64)
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_gguf, tmp_path_factory):
+    plots = tmp_path_factory.mktemp("plots")
+    args = Namespace(
+        model=str(tiny_gguf), scheme=["plain", "secureinfer"], threads=None, channel="inprocess", device="cpu",
+        quiet=True, max_new_tokens=64, repeats=1, json=True, out=None, prompt_lengths=(8, 24), gen_lengths=(3, 5),
+        pads="inline", plots=str(plots),
+    )  # fmt: skip
+    return run_speed_bench(args)
+
+
+def test_the_sweep_times_every_case_side_by_side(sweep):
+    assert [(c["prompt_tokens"], c["new_tokens"]) for c in sweep["sweep"]] == [(8, 3), (8, 5), (24, 3), (24, 5)]
+    assert sweep["pads"] == "inline"
+    for case in sweep["sweep"]:
+        assert set(case["results"]) >= {TRANSFORMERS, "plain", "secureinfer"}
+        secure = case["results"]["secureinfer"]
+        assert len(secure["decode_tok_s"]["runs"]) == 1 and secure["decode_tok_s"]["median"] > 0
+        # Traffic follows the case's own prompt: the prefill's bytes spread over its own new tokens.
+        measured, analytic = secure["measured_per_token"], secure["analytic_per_token"]
+        assert measured["bytes_to_device"] == pytest.approx(analytic["bytes_to_device"])
+        context = case["prompt_tokens"] + case["new_tokens"] // 2
+        assert case["analytic_per_token"]["secureinfer"]["context"] == context
+    longer, shorter = (c["results"]["secureinfer"]["analytic_per_token"]["enclave_flops"] for c in sweep["sweep"][3:1:-1])
+    assert longer > shorter  # attention grows with the context, and it sits in the enclave
+
+
+def test_plots_are_written(sweep):
+    names = {p.rsplit("/", 1)[-1] for p in sweep["plots"]}
+    assert names == {"cost_vs_context.png", "breakdown_by_op_class.png", "decode_vs_prompt_length.png"}
+    for path in sweep["plots"]:
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+
+
+def test_scaling_flags_epc_crossings_and_the_exactness_limit(tiny_checkpoint):
+    report = scaling(scaling_configs(tiny_checkpoint.config, "tiny"))
+    configs = {c["name"]: c for c in report["configs"]}
+    assert configs["LLaMA-2-7B shape"]["parameters"] == pytest.approx(6.74e9, rel=0.01)
+    for name, config in scaling_configs(tiny_checkpoint.config, "tiny").items():
+        inner = max(weight_shape(w, config)[1] for w in ("wqkv", "wo", "w_down"))
+        assert configs[name]["blinded_exact"].startswith("yes" if inner <= MAX_INNER_DIM else "no")
+    assert configs["tiny"]["blinded_exact"] == "yes" and configs["LLaMA-2-shaped d=1024 L=16"]["blinded_exact"].startswith("no")
+    for row in report["rows"]:
+        crossed = {f"{line // MIB} MiB" for line in EPC_LINES if row["enclave_resident_bytes"] > line}
+        assert set(row["crosses"]) == crossed
+        assert row["enclave_resident_bytes"] == row["enclave_weight_bytes"] + row["enclave_kv_bytes"]
+    rows = {(r["config"], r["scheme"], r["context"]): r for r in report["rows"]}
+    assert rows["tiny", "enclave", 32]["crosses"] == []  # a tiny model fits any EPC
+    assert rows["LLaMA-2-7B shape", "enclave", 2048]["crosses"] == ["96 MiB", "128 MiB"]
+    assert rows["LLaMA-2-7B shape", "plain", 2048]["blinded_exact"] == "-"  # nothing blinded, nothing to limit
+    assert rows["LLaMA-2-7B shape", "secureinfer", 32]["round_trips"] == len(build_plan("secureinfer", scaling_configs(
+        tiny_checkpoint.config, "tiny")["LLaMA-2-7B shape"]).device_segments) == 4 * 32 + 1
+
+
+def test_bench_cli_refuses_bad_lengths(tiny_gguf, tmp_path):
+    assert_one_line_error(run_cli(["bench", "--prompt-lengths", "abc"]), "--prompt-lengths")
+    assert_one_line_error(run_cli(["bench", "--model", str(tiny_gguf), "--prompt-lengths", "200"]), "context holds 128")
+    scaling_run = run_cli(["bench", "--scaling", "--model", str(tiny_gguf), "--plots", str(tmp_path), "--quiet"])
+    assert scaling_run.returncode == 0, scaling_run.stderr
+    assert "LLaMA-2-7B shape" in scaling_run.stdout and (tmp_path / "scaling.png").read_bytes().startswith(PNG_MAGIC)
