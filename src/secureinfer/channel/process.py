@@ -21,7 +21,7 @@ import weakref
 from typing import IO, Iterator, Sequence
 
 from .base import Channel, DeviceDied, DeviceProtocolError, DeviceTimeout
-from .wire import READY, EncodedFrame, Frame, ProtocolError, read_frame, send_frame, socket_reader
+from .wire import READY, SPIN_S, EncodedFrame, Frame, ProtocolError, read_frame, send_frame, socket_reader
 
 EXIT_GRACE_S = 5.0  # how long a device that hung up may take to exit before it is killed
 CLOSE_GRACE_S = 30.0  # how long a device may take to exit after `close`, or after EOF (writing a view)
@@ -70,7 +70,7 @@ class ProcessChannel(Channel):
             theirs.close()
         self._sock = ours
         self._finalizer = weakref.finalize(self, _shutdown, self.process, ours, self._stderr, CLOSE_GRACE_S)
-        self._read_into = socket_reader(ours)
+        self._read_into = socket_reader(ours, SPIN_S)
         try:
             ours.settimeout(startup_timeout_s)
             with self._transport_errors(STARTUP, startup_timeout_s):

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import select
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,6 +28,10 @@ from torch import Tensor
 PREFIX = struct.Struct("<QQ")  # header-JSON length, payload length
 MAX_HEADER_BYTES = 64 << 20
 IOV_MAX = 1024  # Linux caps the buffers one sendmsg call may take
+# How long each side polls for the other's next frame before it sleeps (see socket_reader). Most replies
+# and requests of a decode step come within it; measured on this 2-core VM, it took secureinfer's decode
+# from 8.6 to 12.9 tokens/s (a 24 KB round trip: 84 -> 48 us). A wait past it sleeps as before.
+SPIN_S = 1e-3
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -208,10 +214,21 @@ def send_frame(sock: socket.socket, frame: EncodedFrame) -> None:
                 sent = 0
 
 
-def socket_reader(sock: socket.socket) -> ReadInto:
-    """A `read_into` over a stream socket. EOF raises EOFError: the peer is gone, not malformed."""
+def socket_reader(sock: socket.socket, spin_s: float = 0.0) -> ReadInto:
+    """A `read_into` over a stream socket. EOF raises EOFError: the peer is gone, not malformed.
+
+    With `spin_s`, each read first polls the socket without sleeping for up to that long, then blocks as
+    usual. A peer that answers within it finds us awake: its send wakes no sleeping process, and on a VM
+    that wake-up (an inter-processor interrupt through the hypervisor) costs more than a small message.
+    """
+    readable = select.poll()
+    readable.register(sock, select.POLLIN)
 
     def read_into(target: memoryview) -> None:
+        if spin_s:
+            deadline = time.perf_counter() + spin_s
+            while not readable.poll(0) and time.perf_counter() < deadline:
+                pass
         got = 0
         while got < target.nbytes:
             n = sock.recv_into(target[got:])

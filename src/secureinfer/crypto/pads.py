@@ -80,6 +80,9 @@ class PadPool:
         self._held_bytes = 0  # of every batch still pooled, spent rows included: kept, not summed per take
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        # Pools below low water, in the order they fell: the refill thread tops up only these, so a take
+        # costs the request path no scan of every pool (121 for SmolLM2) under the GIL.
+        self._low: dict[str, None] = dict.fromkeys(weights_t)
         self._closed = False
         self._thread: threading.Thread | None = None
         if background and weights_t:
@@ -110,7 +113,11 @@ class PadPool:
                 self.stats.stall_s += time.perf_counter() - began
         with self._lock:
             self.stats.used_rows += rows
-        self._wake.set()
+            running_low = self._left(name) < self.low_water and name not in self._low
+            if running_low:
+                self._low[name] = None
+        if running_low:
+            self._wake.set()
         return torch.cat(rs), torch.cat(us)
 
     def refill(self, name: str, rows: int) -> None:
@@ -135,7 +142,10 @@ class PadPool:
 
     def available(self, name: str) -> int:
         with self._lock:
-            return sum(batch.left for batch in self._pools[name])
+            return self._left(name)
+
+    def _left(self, name: str) -> int:
+        return sum(batch.left for batch in self._pools[name])
 
     def held_bytes(self) -> int:
         with self._lock:
@@ -150,7 +160,8 @@ class PadPool:
     def _refill_loop(self) -> None:
         while not self._closed:
             self._wake.clear()  # before looking: a take after this point wakes the next wait
-            low = [name for name in self.weights_t if self.available(name) < self.low_water]
+            with self._lock:
+                low = list(self._low)
             if not low:
                 self._wake.wait()
                 continue
@@ -158,3 +169,6 @@ class PadPool:
                 if self._closed:
                     return
                 self.refill(name, self.batch_rows)
+                with self._lock:
+                    if self._left(name) >= self.low_water:
+                        del self._low[name]
