@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 import secureinfer
 from scheme_runs import forward_logits, padded_batch
 from secureinfer.attacks.traffic import regression_r_squared, uniformity_p_value
-from secureinfer.crypto.field import BACKENDS, MAX_INNER_DIM, P, fastest_backend, field_matmul, to_signed
+from secureinfer.crypto.field import (
+    BACKENDS, MAX_INNER_DIM, P, centred_difference, fastest_backend, field_matmul, product_weight, to_signed,
+)
 from secureinfer.crypto.pads import PadPool, uniform_field
 from secureinfer.crypto.quant import int8_linear, quantize_activation, quantize_weight
 from secureinfer.model import load_checkpoint
@@ -29,15 +31,24 @@ def test_field_product_is_exact_at_the_extremes(backend):
     rows = [[P - 1] * MAX_INNER_DIM, [2**30 - 1] * MAX_INNER_DIM, [rng.randrange(P) for _ in range(MAX_INNER_DIM)],
             [P // 2] * MAX_INNER_DIM, [P // 2 + 1] * MAX_INNER_DIM]  # fmt: skip
     weight = torch.tensor([[rng.choice((-127, 127, rng.randrange(-127, 128))) for _ in range(3)] + [-127] for _ in range(MAX_INNER_DIM)], dtype=torch.int8)
-    got = field_matmul(torch.tensor(rows), weight, backend)
     expected = [[sum(x * int(weight[k, j]) for k, x in enumerate(row)) % P for j in range(4)] for row in rows]
-    assert got.tolist() == expected
+    assert field_matmul(torch.tensor(rows), weight, backend).tolist() == expected
+    # as the device keeps it: int8 laid out [out, in], the float routes in their own type
+    assert field_matmul(torch.tensor(rows), product_weight(weight, backend), backend).tolist() == expected
     with pytest.raises(ValueError, match="exceeds"):
         field_matmul(torch.zeros(1, MAX_INNER_DIM + 1, dtype=torch.int64), torch.zeros(MAX_INNER_DIM + 1, 1, dtype=torch.int8))
 
 
 def test_the_default_backend_is_one_of_the_exact_ones():
     assert fastest_backend() in BACKENDS
+
+
+def test_the_centred_difference_is_the_signed_residue_of_a_minus_b():
+    edges = [0, 1, 2, P // 2 - 1, P // 2, P // 2 + 1, P - 2, P - 1]
+    a, b = (torch.tensor(v) for v in zip(*[(x, y) for x in edges for y in edges]))
+    a, b = torch.cat([a, torch.randint(0, P, (1000,))]), torch.cat([b, torch.randint(0, P, (1000,))])
+    expected = [(x - y) % P - P if (x - y) % P > P // 2 else (x - y) % P for x, y in zip(a.tolist(), b.tolist())]
+    assert centred_difference(a, b).tolist() == expected == to_signed((a - b) % P).tolist()
 
 
 def test_signed_results_round_trip_through_the_field():

@@ -92,10 +92,10 @@ class PadPool:
     def take(self, name: str, rows: int) -> tuple[Tensor, Tensor]:
         """`rows` fresh pads for weight `name`: (r [rows, in], u [rows, out]). Each row is handed out once."""
         rs, us, needed = [], [], rows
-        while needed:
+        while True:
             with self._lock:
                 pool = self._pools[name]
-                if pool:
+                while needed and pool:
                     batch = pool[0]
                     end = min(batch.next_row + needed, batch.r.shape[0])
                     rs.append(batch.r[batch.next_row : end])
@@ -105,19 +105,21 @@ class PadPool:
                     if not batch.left:
                         pool.pop(0)  # spent: drop it so nothing can hand its rows out again
                         self._held_bytes -= batch.nbytes
-                    continue
+                if not needed:
+                    self.stats.used_rows += rows
+                    running_low = self._left(name) < self.low_water and name not in self._low
+                    if running_low:
+                        self._low[name] = None
+                    break
             began = time.perf_counter()
             self.refill(name, max(needed, self.batch_rows))
             with self._lock:
                 self.stats.stalls += 1
                 self.stats.stall_s += time.perf_counter() - began
-        with self._lock:
-            self.stats.used_rows += rows
-            running_low = self._left(name) < self.low_water and name not in self._low
-            if running_low:
-                self._low[name] = None
         if running_low:
             self._wake.set()
+        if len(rs) == 1:  # the usual decode step: one batch serves it, and a slice needs no copy
+            return rs[0], us[0]
         return torch.cat(rs), torch.cat(us)
 
     def refill(self, name: str, rows: int) -> None:

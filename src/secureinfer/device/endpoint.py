@@ -190,11 +190,6 @@ class DeviceEndpoint:
         if meta["step"] != self.step:
             self.values, self.step = {}, meta["step"]
         start, length, pad = meta["start"], meta["length"], meta.get("pad")
-        with self._allocating_on_device():
-            ctx = StepContext.create(
-                config, self.rope, start, meta["batch"], length,
-                None if pad is None else torch.tensor(pad, dtype=torch.int64), meta["last_only"],
-            )  # fmt: skip
         self.values.update({name: tensor.to(self.device) for name, tensor in inputs.items()})
         observe = self.recorder.record_held if self.recorder else None
         if meta.get("blinded"):
@@ -203,6 +198,11 @@ class DeviceEndpoint:
             if observe:
                 observe(op, layer, {"y": self.values["y"]})
         else:
+            with self._allocating_on_device():
+                ctx = StepContext.create(
+                    config, self.rope, start, meta["batch"], length,
+                    None if pad is None else torch.tensor(pad, dtype=torch.int64), meta["last_only"],
+                )  # fmt: skip
             run_ops(ops, self.values, self.compute_weights, self.cache, ctx, observe)
         if any(op == "attention" for op, _ in ops):
             self.positions_written = max(self.positions_written, start + length)

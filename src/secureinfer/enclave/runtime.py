@@ -17,7 +17,7 @@ from torch import Tensor
 from ..channel import Channel, DeviceError
 from ..errors import InvalidRequestError
 from ..model.config import ModelConfig
-from ..crypto.field import P, to_signed
+from ..crypto.field import P, centred_difference
 from ..crypto.head_permutation import HeadPermutation
 from ..crypto.kv_mixing import KVMixing
 from ..crypto.pads import PadPool
@@ -246,7 +246,7 @@ class EnclaveRuntime:
         rows = q.reshape(-1, q.shape[-1])
         r, u = self.pads.take(name, rows.shape[0])
         self.memory.observe("pads", self.pads.held_bytes())  # the pool is enclave memory too
-        padded = (rows % P + r) % P
+        padded = (rows + r) % P  # rows lie in [-QMAX, QMAX]: one reduction lands the sum in [0, P)
         # Pads generated inside `take` are offline work, reported apart in the pad stats.
         self.enclave_compute_s += time.perf_counter() - began - (self.pads.stats.stall_s - stalled_before)
         _, returned = self.channel.request("run", self._run_meta(ctx, segment.ops, ["y"], blinded=True), {"v": padded})
@@ -256,7 +256,7 @@ class EnclaveRuntime:
             self.integrity["checked"] += 1
             self.integrity["macs"] += self.checks[name].macs(rows.shape[0])
             self.integrity["seconds"] += time.perf_counter() - began
-        product = to_signed((returned["y"] - u) % P).view(*x.shape[:-1], -1)
+        product = centred_difference(returned["y"], u).view(*x.shape[:-1], -1)
         weight = QuantizedWeight(self.weights[f"{name}.q"], self.weights[f"{name}.scale"])
         store_projection(op, values, with_adapter(dequantize_product(product, row_scale, weight), x, self.weights, name), ctx)
         self.enclave_compute_s += time.perf_counter() - began
