@@ -131,10 +131,10 @@ def test_blinded_values_do_not_predict_the_plaintext(checkpoint):
         seen, plain = [], []
         original = lm.runtime.channel.request
 
-        def spy(kind, meta=None, tensors=None):
+        def spy(kind, meta=None, tensors=None, **options):
             if tensors and "v" in tensors:
                 seen.append(tensors["v"].double())
-            return original(kind, meta, tensors)
+            return original(kind, meta, tensors, **options)
 
         lm.runtime.channel.request = spy
         take = lm.runtime.pads.take

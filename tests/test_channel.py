@@ -244,6 +244,31 @@ def test_inprocess_channel_copies_tensors_both_ways(model):
         assert channel.endpoint.weights["embed"].data_ptr() != model.weights.embed.data_ptr()
 
 
+def test_work_done_while_waiting_is_not_counted_and_its_error_keeps_the_stream_in_step(channel, model):
+    channel.request("hello", {"config": model.config.to_dict()})
+    channel.counters.reset()
+    order = []
+
+    def overlapped():
+        order.append("overlapped")
+        time.sleep(0.05)
+
+    meta, _ = channel.request("put_sealed", {}, {"b": torch.arange(4)}, while_waiting=overlapped)
+    order.append("reply")
+    assert order == ["overlapped", "reply"] and meta["sealed"] == 1
+    counters = channel.counters
+    assert counters.overlapped_s >= 0.05 > counters.wait_s and counters.transfer_s <= counters.wait_s
+
+    def failing():
+        raise ValueError("found while waiting")
+
+    with pytest.raises(ValueError, match="found while waiting"):
+        channel.request("get_sealed", {"keys": ["b"]}, while_waiting=failing)
+    assert channel.alive and channel.counters.round_trips == 2  # the reply was read: the next request is in step
+    _, blocks = channel.request("get_sealed", {"keys": ["b"]})
+    assert torch.equal(blocks["b"], torch.arange(4))
+
+
 def test_a_closed_channel_refuses_requests(channel):
     channel.close()
     channel.close()  # twice is fine

@@ -26,6 +26,8 @@ def test_hardened_equals_plain_int8_with_a_thousand_checks_and_no_false_alarm(ti
     blinded_per_forward = len(lm.plan.device_segments)
     assert stats["integrity"]["repetitions"] == 2
     assert stats["integrity"]["checked"] == len(got.tokens) * blinded_per_forward >= 1000
+    # all but each step's last check ran while the device computed the next product
+    assert 0 < stats["channel"]["overlapped_s"] <= stats["integrity"]["seconds"]
     assert stats["perturbation"] > 0  # on by default under hardened
 
 

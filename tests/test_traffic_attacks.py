@@ -96,10 +96,10 @@ def test_a_secureinfer_session_reuses_no_pad_and_its_first_projection_hides_the_
     with secureinfer.load(tiny_gguf, "secureinfer", progress=False, channel="inprocess") as lm:
         received, original = [], lm.runtime.channel.request
 
-        def spy(kind, meta=None, tensors=None):
+        def spy(kind, meta=None, tensors=None, **options):
             if kind == "run" and meta.get("blinded") and [list(op) for op in meta["ops"]] == [["qkv_proj", 0]]:
                 received.append(tensors["v"])
-            return original(kind, meta, tensors)
+            return original(kind, meta, tensors, **options)
 
         lm.runtime.channel.request = spy
         result = lm.generate("the cat sat on the mat by the door", max_new_tokens=40, ignore_eos=True)

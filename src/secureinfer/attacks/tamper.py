@@ -29,8 +29,8 @@ def tamper_replies(lm, alter: Alter) -> None:
     channel = lm.runtime.channel
     honest = channel.request
 
-    def request(kind, meta=None, tensors=None):
-        reply_meta, reply = honest(kind, meta, tensors)
+    def request(kind, meta=None, tensors=None, while_waiting=None):
+        reply_meta, reply = honest(kind, meta, tensors, while_waiting)
         return reply_meta, alter(kind, meta or {}, reply)
 
     channel.request = request

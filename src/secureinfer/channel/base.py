@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import SecureInferError
 from .wire import ERROR, OK, EncodedFrame, Frame, Tensors, encode_frame
@@ -52,10 +52,16 @@ class ChannelCounters:
     payload_bytes_received: int = 0
     frame_bytes_sent: int = 0
     frame_bytes_received: int = 0
-    wait_s: float = 0.0  # from sending a request to having its reply decoded
-    device_compute_s: float = 0.0  # as the device reports it; wait_s minus this is transport and queueing
+    wait_s: float = 0.0  # from sending a request to having its reply decoded, less overlapped_s
+    overlapped_s: float = 0.0  # the enclave's own work done while the device served a request (while_waiting)
+    device_compute_s: float = 0.0  # as the device reports it
+    # Per request, the part of wait_s the device's compute does not explain (transport and queueing the enclave
+    # sat through; 0 where overlapped work outlasted it): what overlapping could still hide.
+    transfer_s: float = 0.0
 
-    def add(self, kind: str, request: EncodedFrame, reply: Frame, wait_s: float, compute_s: float) -> None:
+    def add(
+        self, kind: str, request: EncodedFrame, reply: Frame, wait_s: float, compute_s: float, overlapped_s: float = 0.0
+    ) -> None:
         self.round_trips += 1
         self.round_trips_by_kind[kind] = self.round_trips_by_kind.get(kind, 0) + 1
         self.payload_bytes_sent += request.payload_nbytes
@@ -63,7 +69,9 @@ class ChannelCounters:
         self.frame_bytes_sent += request.nbytes
         self.frame_bytes_received += reply.nbytes
         self.wait_s += wait_s
+        self.overlapped_s += overlapped_s
         self.device_compute_s += compute_s
+        self.transfer_s += max(0.0, wait_s - max(0.0, compute_s - overlapped_s))  # compute the overlap did not cover
 
     def reset(self) -> None:
         for name, value in asdict(ChannelCounters()).items():
@@ -89,33 +97,55 @@ class Channel(ABC):
         return not self._closed
 
     def request(
-        self, kind: str, meta: dict[str, Any] | None = None, tensors: Tensors | None = None
+        self,
+        kind: str,
+        meta: dict[str, Any] | None = None,
+        tensors: Tensors | None = None,
+        while_waiting: Callable[[], None] | None = None,
     ) -> tuple[dict[str, Any], Tensors]:
+        """Send one request and return the reply. `while_waiting` runs after the request is sent, while the
+        device works on it; an exception it raises comes out after the reply is read, so the stream stays in
+        step, and its time is not counted as waiting."""
         if not self.alive:
             raise DeviceDied(f"cannot send {kind!r}: the device channel is closed")
         request = encode_frame(kind, meta or {}, tensors or {})
         started = time.perf_counter()
+        overlapped_s, overlapped_error = 0.0, None
         try:
-            reply = self._exchange(kind, request)
+            self._send(kind, request)
+            if while_waiting is not None:
+                began = time.perf_counter()
+                try:
+                    while_waiting()
+                except Exception as error:
+                    overlapped_error = error
+                overlapped_s = time.perf_counter() - began
+            reply = self._receive(kind)
         except BaseException:  # an interrupted exchange, too, leaves the stream out of step
             self._abandon()
             raise
-        wait_s = time.perf_counter() - started
+        wait_s = time.perf_counter() - started - overlapped_s
         compute_s = reply.meta.get("compute_s", 0.0)
         if reply.kind not in (OK, ERROR) or not isinstance(compute_s, (int, float)):
             self._abandon()
             raise DeviceProtocolError(
                 f"the device answered {kind!r} with a {reply.kind!r} frame and compute_s={compute_s!r}"
             )
-        self.counters.add(kind, request, reply, wait_s, compute_s)
+        self.counters.add(kind, request, reply, wait_s, compute_s, overlapped_s)
+        if overlapped_error is not None:
+            raise overlapped_error
         if reply.kind == ERROR:
             message, device_traceback = reply.meta.get("message"), reply.meta.get("traceback")
             raise DeviceFailed(f"the device failed to handle {kind!r}: {message}", device_traceback)
         return reply.meta, reply.tensors
 
     @abstractmethod
-    def _exchange(self, kind: str, request: EncodedFrame) -> Frame:
-        """Deliver one request and return its reply, raising a DeviceError on any transport failure."""
+    def _send(self, kind: str, request: EncodedFrame) -> None:
+        """Deliver one request, raising a DeviceError on any transport failure."""
+
+    @abstractmethod
+    def _receive(self, kind: str) -> Frame:
+        """The reply to the request just sent, raising a DeviceError on any transport failure."""
 
     @abstractmethod
     def _abandon(self) -> None:

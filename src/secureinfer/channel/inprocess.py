@@ -19,9 +19,13 @@ class InProcessChannel(Channel):
     def __init__(self, endpoint: DeviceEndpoint):
         super().__init__()
         self.endpoint = endpoint
+        self._delivered: Frame | None = None  # sent, not yet served: the device serves it when the reply is read
 
-    def _exchange(self, kind: str, request: EncodedFrame) -> Frame:
-        delivered = decode_frame(request.to_bytes())
+    def _send(self, kind: str, request: EncodedFrame) -> None:
+        self._delivered = decode_frame(request.to_bytes())
+
+    def _receive(self, kind: str) -> Frame:
+        delivered, self._delivered = self._delivered, None
         reply = self.endpoint.dispatch(delivered.kind, delivered.meta, delivered.tensors)
         try:
             return decode_frame(encode_frame(*reply).to_bytes())

@@ -92,9 +92,12 @@ class ProcessChannel(Channel):
     def alive(self) -> bool:
         return not self._closed and self.process.poll() is None
 
-    def _exchange(self, kind: str, request: EncodedFrame) -> Frame:
+    def _send(self, kind: str, request: EncodedFrame) -> None:
         with self._transport_errors(f"request {kind!r}", self.timeout_s):
             send_frame(self._sock, request)
+
+    def _receive(self, kind: str) -> Frame:
+        with self._transport_errors(f"request {kind!r}", self.timeout_s):
             return read_frame(self._read_into)
 
     @contextlib.contextmanager

@@ -12,6 +12,7 @@ import contextlib
 import time
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from ..channel import Channel, DeviceError
@@ -96,6 +97,7 @@ class EnclaveRuntime:
             {name: self.weights[f"{name}.q"] for name in blinded}, pad_batch_rows, background=pad_background
         )
         self.checks = self._integrity_checks(blinded, verify_repetitions)
+        self._unchecked: list[tuple[str, Tensor, Tensor]] = []  # (weight, padded input, device product)
         self.integrity = {"repetitions": verify_repetitions, "checked": 0, "macs": 0, "seconds": 0.0}
         self.seal_kv = seal_kv
         self.sealed_cache: SealedKVCache | None = None
@@ -193,6 +195,7 @@ class EnclaveRuntime:
         self, tokens: Tensor, cache: KVCache | None, start: int, pad: Tensor | None = None, last_only: bool = True
     ) -> Tensor:
         self.step += 1
+        self._unchecked.clear()  # a step that failed part-way leaves nothing to check
         batch, length = tokens.shape
         ctx = StepContext.create(self.config, self.rope, start, batch, length, pad, last_only)
         values: dict[str, Tensor] = {"tokens": tokens}
@@ -221,6 +224,7 @@ class EnclaveRuntime:
                 else:
                     values["a"] = self.head_key.unpermute_attention(values["a"], layer)
                 self.enclave_compute_s += time.perf_counter() - began
+        self._check_products()  # the last product's check has nothing to overlap: no logits before it passes
         return values["logits"]
 
     def _run_meta(self, ctx: StepContext, ops: list, returns: list[str], blinded: bool = False) -> dict:
@@ -249,17 +253,37 @@ class EnclaveRuntime:
         padded = (rows + r) % P  # rows lie in [-QMAX, QMAX]: one reduction lands the sum in [0, P)
         # Pads generated inside `take` are offline work, reported apart in the pad stats.
         self.enclave_compute_s += time.perf_counter() - began - (self.pads.stats.stall_s - stalled_before)
-        _, returned = self.channel.request("run", self._run_meta(ctx, segment.ops, ["y"], blinded=True), {"v": padded})
+        _, returned = self.channel.request(
+            "run", self._run_meta(ctx, segment.ops, ["y"], blinded=True), {"v": padded},
+            while_waiting=self._check_products if self._unchecked else None,
+        )  # fmt: skip
         began = time.perf_counter()
-        if name in self.checks:  # before anything depends on y: a tampered product never reaches a token
-            self.checks[name].check(padded, returned["y"], f"{name} (step {self.step})")
-            self.integrity["checked"] += 1
-            self.integrity["macs"] += self.checks[name].macs(rows.shape[0])
-            self.integrity["seconds"] += time.perf_counter() - began
-        product = centred_difference(returned["y"], u).view(*x.shape[:-1], -1)
+        y = returned["y"]
+        if name in self.checks:
+            self._unchecked.append((name, padded, y))
+            if y.dtype != torch.int64 or y.shape != u.shape:  # cannot even be unpadded: fail it now
+                self._check_products()
+        product = centred_difference(y, u).view(*x.shape[:-1], -1)
         weight = QuantizedWeight(self.weights[f"{name}.q"], self.weights[f"{name}.scale"])
         store_projection(op, values, with_adapter(dequantize_product(product, row_scale, weight), x, self.weights, name), ctx)
         self.enclave_compute_s += time.perf_counter() - began
+
+    def _check_products(self) -> None:
+        """Freivalds-check the products received since the last check, raising IntegrityError on a wrong one.
+
+        Each runs while the device computes the next product (`while_waiting`), off the critical path, and
+        `forward` checks the rest before it returns logits, so a tampered product never reaches a token. Until
+        then a wrong y only feeds later blinded inputs, which are one-time padded whatever they hold.
+        """
+        if not self._unchecked:
+            return
+        began = time.perf_counter()
+        unchecked, self._unchecked = self._unchecked, []
+        for name, padded, y in unchecked:
+            self.checks[name].check(padded, y, f"{name} (step {self.step})")
+            self.integrity["checked"] += 1
+            self.integrity["macs"] += self.checks[name].macs(padded.shape[0])
+        self.integrity["seconds"] += time.perf_counter() - began
 
     def stats(self) -> dict:
         counters = self.channel.counters.snapshot() if self.channel else {}
@@ -271,7 +295,7 @@ class EnclaveRuntime:
             "time": {
                 "enclave_compute_s": self.enclave_compute_s,
                 "device_compute_s": counters.get("device_compute_s", 0.0),
-                "transfer_s": counters.get("wait_s", 0.0) - counters.get("device_compute_s", 0.0),
+                "transfer_s": counters.get("transfer_s", 0.0),
             },
             "memory": self.memory.report(),
             "pads": vars(self.pads.stats) | {"held_bytes": self.pads.held_bytes()},
