@@ -1,4 +1,4 @@
-"""One-time pads for blinded products: r uniform in Z_P from the OS CSPRNG, u = r W mod P.
+"""One-time pads for blinded products: r uniform in Z_P from a CSPRNG, u = r W mod P.
 
 Pads are precomputed per weight in batches, one integer GEMM per batch (the weight is read once for
 many future tokens), and handed out row by row exactly once: a row leaves the pool when taken, so
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from torch import Tensor
 
 from .field import P, field_matmul
@@ -21,18 +22,29 @@ from .field import P, field_matmul
 FIELD_BITS = P.bit_length()
 
 
+def random_bytes(count: int) -> bytes:
+    """`count` bytes of ChaCha20 keystream under a fresh 256-bit key from the OS CSPRNG (counter from 0).
+
+    The same construction as Linux's own getrandom, at ~3x its speed here: pads need ~0.8 MB of randomness
+    per token for SmolLM2, and reading it from os.urandom was most of the pad work. One key per call keeps
+    every call's stream independent; 2^32 blocks of 64 bytes per key is far beyond any pad batch.
+    """
+    nonce = bytes(4) + os.urandom(12)  # 32-bit block counter at 0, then the nonce
+    return Cipher(algorithms.ChaCha20(os.urandom(32), nonce), mode=None).encryptor().update(bytes(count))
+
+
 def uniform_field(rows: int, cols: int) -> Tensor:
-    """Exactly uniform elements of Z_P: 35 random bits each, redrawing the 31 values >= P (rejection)."""
-    count = rows * cols
-    out = np.empty(count, dtype=np.int64)
-    filled = 0
+    """Uniform elements of Z_P: 35 random bits each, redrawing the 31 values >= P (rejection), so exactly
+    uniform given uniform bits (here: indistinguishable from uniform, as ChaCha20's keystream is)."""
+    count, parts, filled = rows * cols, [], 0
     while filled < count:
-        need = count - filled
-        draws = np.frombuffer(os.urandom(8 * need), dtype=np.uint64) & np.uint64((1 << FIELD_BITS) - 1)
-        draws = draws[draws < P].astype(np.int64)
-        out[filled : filled + len(draws)] = draws
+        draws = np.frombuffer(random_bytes(8 * (count - filled)), dtype=np.int64) & ((1 << FIELD_BITS) - 1)
+        if (draws >= P).any():  # about once in 10^9 draws
+            draws = draws[draws < P]
+        parts.append(draws)
         filled += len(draws)
-    return torch.from_numpy(out).view(rows, cols)
+    values = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return torch.from_numpy(values).view(rows, cols)
 
 
 @dataclass
