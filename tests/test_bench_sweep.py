@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from argparse import Namespace
 
 import pytest
+import torch
 
+from secureinfer.bench import scaled_models
 from secureinfer.bench.analytic import EPC_LINES, MIB, scaling, scaling_configs
 from secureinfer.bench.speed import TRANSFORMERS, bench_cases, run_speed_bench, sweep_prompt
 from secureinfer.crypto.field import MAX_INNER_DIM
@@ -95,3 +98,20 @@ def test_bench_cli_refuses_bad_lengths(tiny_gguf, tmp_path):
     scaling_run = run_cli(["bench", "--scaling", "--model", str(tiny_gguf), "--plots", str(tmp_path), "--quiet"])
     assert scaling_run.returncode == 0, scaling_run.stderr
     assert "LLaMA-2-7B shape" in scaling_run.stdout and (tmp_path / "scaling.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_scaled_models_are_timed_beside_plain_or_skipped_with_the_reason(tiny_checkpoint):
+    config = tiny_checkpoint.config
+    wider = dataclasses.replace(config, num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=4096)
+    args = Namespace(scheme=["secureinfer"], channel="inprocess", device="cpu", threads=None, pads="online", repeats=1,
+                     max_new_tokens=3)  # fmt: skip
+    rows = scaled_models.measure({"tiny": config, "tiny, wider FFN": wider}, tiny_checkpoint, args)
+    measured, skipped = rows
+    assert set(measured["decode_tok_s"]) == {"plain", "secureinfer"}  # plain joins: every ratio is to it
+    assert measured["latency_vs_plain"]["plain"] == 1.0 and measured["latency_vs_plain"]["secureinfer"] > 0
+    assert measured["measured_per_token"]["secureinfer"]["round_trips"] == 4 * config.num_layers + 1
+    assert skipped["skipped"] == f"blinded products not exact: inner dim 4096 > {MAX_INNER_DIM}"
+    assert "not run: blinded products not exact" in scaled_models.markdown(rows)
+    other = scaled_models.random_checkpoint(config, tiny_checkpoint, seed=1)
+    assert other.tokenizer is tiny_checkpoint.tokenizer and set(other.weights) >= {"model.embed_tokens.weight"}
+    assert not torch.equal(other.weights["model.embed_tokens.weight"], tiny_checkpoint.weights["model.embed_tokens.weight"])

@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="online (default): make a request's pads before timing it; inline: during it, end to end",
     )  # fmt: skip
     bench.add_argument("--scaling", action="store_true", help="analytic costs of LLaMA-2-shaped models of 58M-7B parameters; no timing")
+    bench.add_argument(
+        "--scaling-measured", action="store_true",
+        help="with --scaling: also time plain, enclave, secureinfer and hardened on random-weight models of the shapes "
+        "blinding handles exactly (at most 400M parameters)",
+    )  # fmt: skip
     bench.add_argument("--plots", metavar="DIR", help="write PNG plots of the report to DIR")
     bench.add_argument("--json", action="store_true", help="print the full report as JSON")
     bench.add_argument("--out", help="also write the JSON report to this file")
@@ -407,6 +412,8 @@ def _partition(args) -> None:
 
 
 def _bench(args) -> None:
+    if args.scaling_measured and not args.scaling:
+        raise InvalidRequestError("--scaling-measured was given without --scaling", "add --scaling")
     if args.scaling:
         from .bench.analytic import run_scaling
 

@@ -1,7 +1,8 @@
 """Analytic per-token costs for the bench: cost curves over context, a breakdown by op class, and the
 scaling study (LLaMA-2-7B-shaped models and smaller ones of the same proportions), without downloads.
 
-Everything here is computed from plans (`plan_costs`, `op_flops`); nothing runs a model.
+Everything here is computed from plans (`plan_costs`, `op_flops`); nothing runs a model, except the scaling
+study's measured points when asked for (scaled_models.py).
 """
 
 from __future__ import annotations
@@ -195,16 +196,23 @@ def run_scaling(args) -> dict:
 
     checkpoint = load_checkpoint(args.model, progress=not args.quiet)
     schemes = tuple(dict.fromkeys(args.scheme or DEFAULT_SCHEMES))
+    configs = scaling_configs(checkpoint.config, Path(checkpoint.source).stem)
     report = {
         "model": str(checkpoint.source),
-        "scaling": scaling(scaling_configs(checkpoint.config, Path(checkpoint.source).stem), schemes),
+        "scaling": scaling(configs, schemes),
         "analytic": model_analytic(checkpoint.config, schemes, min(256, checkpoint.config.max_position_embeddings)),
     }
+    text = scaling_markdown(report["scaling"])
+    if args.scaling_measured:
+        from . import scaled_models  # runs models: only when asked for
+
+        report["scaling"]["measured"] = scaled_models.measure(configs, checkpoint, args)
+        text += "\n\n" + scaled_models.markdown(report["scaling"]["measured"])
     if args.plots:
         from .plots import write_plots
 
         report["plots"] = [str(p) for p in write_plots(report, args.plots)]
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps(report) if args.json else scaling_markdown(report["scaling"]) + "\n\n" + analytic_markdown(report["analytic"]))
+    print(json.dumps(report) if args.json else text + "\n\n" + analytic_markdown(report["analytic"]))
     return report

@@ -40,17 +40,19 @@ def _save(fig, path: Path) -> Path:
 
 def _cost_vs_context(analytic: dict, path: Path) -> Path:
     panels = (
-        ("enclave FLOPs (online + offline pads)", lambda p: p["enclave_flops"] + p["offline_pad_flops"]),
+        ("enclave FLOPs, online", lambda p: p["enclave_flops"]),
+        ("enclave FLOPs, offline pads", lambda p: p["offline_pad_flops"]),
         ("device FLOPs", lambda p: p["device_flops"]),
         ("bytes crossing", lambda p: p["bytes"]),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.5))
     for ax, (title, value) in zip(axes, panels):
         for scheme, points in analytic["curve"].items():
-            ax.plot([p["context"] for p in points], [value(p) for p in points], marker="o", label=scheme)
-        # symlog: schemes with none of a cost (plain's enclave FLOPs) stay on the axis at 0
-        ax.set(xscale="log", yscale="symlog", xlabel="context (cached positions)", title=f"{title} per token")
-    axes[0].legend(fontsize=7)
+            values = [value(p) for p in points]
+            if any(values):  # log axes: a scheme with none of this cost (plain's enclave FLOPs) is left out
+                ax.plot([p["context"] for p in points], values, marker="o", label=scheme)
+        ax.set(xscale="log", yscale="log", xlabel="context (cached positions)", title=f"{title} per token")
+        ax.legend(fontsize=6)
     return _save(fig, path)
 
 
@@ -74,7 +76,9 @@ def _scaling(scaling: dict, path: Path) -> Path:
     context = max(scaling["contexts"])
     rows = [r for r in scaling["rows"] if r["context"] == context]
     size = {c["name"]: c["parameters"] for c in scaling["configs"]}
-    fig, (memory, flops) = plt.subplots(1, 2, figsize=(14, 5))
+    measured = [r for r in scaling.get("measured", []) if "skipped" not in r]
+    fig, axes = plt.subplots(1, 3 if measured else 2, figsize=(21 if measured else 14, 5))
+    memory, flops = axes[:2]
     for scheme in dict.fromkeys(r["scheme"] for r in rows):
         mine = sorted((r for r in rows if r["scheme"] == scheme), key=lambda r: size[r["config"]])
         x = [size[r["config"]] for r in mine]
@@ -89,6 +93,14 @@ def _scaling(scaling: dict, path: Path) -> Path:
     flops.set(xscale="log", yscale="log", xlabel="parameters", title="enclave FLOPs per token (online + offline pads)")
     memory.legend(fontsize=7)
     flops.legend(fontsize=7)
+    if measured:
+        latency = axes[2]
+        for scheme in measured[0]["latency_vs_plain"]:
+            latency.plot([r["parameters"] for r in measured], [r["latency_vs_plain"][scheme] for r in measured],
+                         marker="o", label=scheme)  # fmt: skip
+        latency.set(xscale="log", xlabel="parameters", ylabel="x plain",
+                    title="measured decode latency vs plain (random weights)")  # fmt: skip
+        latency.legend(fontsize=7)
     return _save(fig, path)
 
 

@@ -243,27 +243,8 @@ def run_speed_bench(args) -> dict:
     second = load_checkpoint(args.model, progress=False)
     config, tokenizer = second.config, second.tokenizer
     cases = bench_cases(tokenizer, config.max_position_embeddings, args.prompt_lengths, args.gen_lengths, args.max_new_tokens)
-    engine = Generator(Llama.from_state_dict(config, second.weights), tokenizer, config.max_position_embeddings)
-    runners = [generator_runner(ENGINE, engine), transformers_runner(second)]
-    base_threads = torch.get_num_threads()
-    schemes = []
-    for scheme in dict.fromkeys(args.scheme or DEFAULT_SCHEMES):
-        schemes.append(SecureLM(second, scheme, channel=args.channel, device=args.device, threads=args.threads))
-        torch.set_num_threads(base_threads)  # a scheme may split the cores for itself; the runners set their own
-        runners.append(scheme_runner(schemes[-1], args.pads))
-    try:
-        warm_up = Case(cases[0].prompt, cases[0].ids, 4)
-        for runner in runners:
-            torch.set_num_threads(runner.threads)
-            runner.run(warm_up)  # allocator, thread pools, the device's first step
-        for _ in range(args.repeats):
-            for case in cases:  # round-robin over cases and runners: drift hits all alike
-                for runner in runners:
-                    runner.time(case)
-    finally:
-        for lm in schemes:
-            lm.close()
-
+    schemes = tuple(dict.fromkeys(args.scheme or DEFAULT_SCHEMES))
+    runners = time_round_robin(second, schemes, cases, args)
     reports = [case_report(case, runners, config) for case in cases]
     headline = reports[0]
     load_target = target(
@@ -284,7 +265,7 @@ def run_speed_bench(args) -> dict:
         },
         **headline,  # the first case, as the bench reported before sweeps existed
         "targets": headline["targets"] + [load_target],
-        "analytic": model_analytic(config, [lm.scheme for lm in schemes], headline["prompt_tokens"] + headline["new_tokens"] // 2),
+        "analytic": model_analytic(config, schemes, headline["prompt_tokens"] + headline["new_tokens"] // 2),
     }
     if len(reports) > 1:
         report["sweep"] = reports
@@ -296,6 +277,37 @@ def run_speed_bench(args) -> dict:
         Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report) if args.json else to_markdown(report))
     return report
+
+
+def time_round_robin(checkpoint: Checkpoint, schemes, cases: list[Case], args, references: bool = True) -> list[Runner]:
+    """Time each scheme (through the boundary, as `args` says) on `checkpoint`, and with `references` our
+    in-process engine and transformers' `generate`: every repeat runs every case on every runner in turn, so
+    drift on a shared machine hits all alike."""
+    config = checkpoint.config
+    runners = []
+    if references:
+        engine = Generator(Llama.from_state_dict(config, checkpoint.weights), checkpoint.tokenizer, config.max_position_embeddings)
+        runners += [generator_runner(ENGINE, engine), transformers_runner(checkpoint)]
+    base_threads = torch.get_num_threads()
+    lms = []
+    try:
+        for scheme in schemes:
+            lms.append(SecureLM(checkpoint, scheme, channel=args.channel, device=args.device, threads=args.threads))
+            torch.set_num_threads(base_threads)  # a scheme may split the cores for itself; the runners set their own
+            runners.append(scheme_runner(lms[-1], args.pads))
+        warm_up = Case(cases[0].prompt, cases[0].ids, 4)
+        for runner in runners:
+            torch.set_num_threads(runner.threads)
+            runner.run(warm_up)  # allocator, thread pools, the device's first step
+        for _ in range(args.repeats):
+            for case in cases:
+                for runner in runners:
+                    runner.time(case)
+    finally:
+        for lm in lms:
+            lm.close()
+        torch.set_num_threads(base_threads)
+    return runners
 
 
 def case_report(case: Case, runners: list[Runner], config) -> dict:
