@@ -94,7 +94,9 @@ def test_scaling_flags_epc_crossings_and_the_exactness_limit(tiny_checkpoint):
 
 def test_bench_cli_refuses_bad_lengths(tiny_gguf, tmp_path):
     assert_one_line_error(run_cli(["bench", "--prompt-lengths", "abc"]), "--prompt-lengths")
-    assert_one_line_error(run_cli(["bench", "--model", str(tiny_gguf), "--prompt-lengths", "200"]), "context holds 128")
+    # --quiet: a first load of the model would print its progress bar to stderr
+    assert_one_line_error(run_cli(["bench", "--model", str(tiny_gguf), "--prompt-lengths", "200", "--quiet"]), "context holds 128")
+    assert_one_line_error(run_cli(["bench", "--model", str(tiny_gguf), "--scaling-measured"]), "without --scaling")
     scaling_run = run_cli(["bench", "--scaling", "--model", str(tiny_gguf), "--plots", str(tmp_path), "--quiet"])
     assert scaling_run.returncode == 0, scaling_run.stderr
     assert "LLaMA-2-7B shape" in scaling_run.stdout and (tmp_path / "scaling.png").read_bytes().startswith(PNG_MAGIC)
