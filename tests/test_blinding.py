@@ -14,7 +14,7 @@ import secureinfer
 from scheme_runs import forward_logits, padded_batch
 from secureinfer.attacks.traffic import regression_r_squared, uniformity_p_value
 from secureinfer.crypto.field import (
-    BACKENDS, MAX_INNER_DIM, P, centred_difference, fastest_backend, field_matmul, product_weight, to_signed,
+    BACKENDS, HORNER_FROM, MAX_INNER_DIM, P, centred_difference, fastest_backend, field_matmul, product_weight, to_signed,
 )
 from secureinfer.crypto.pads import PadPool, uniform_field
 from secureinfer.crypto.quant import int8_linear, quantize_activation, quantize_weight
@@ -35,6 +35,10 @@ def test_field_product_is_exact_at_the_extremes(backend):
     assert field_matmul(torch.tensor(rows), weight, backend).tolist() == expected
     # as the device keeps it: int8 laid out [out, in], the float routes in their own type
     assert field_matmul(torch.tensor(rows), product_weight(weight, backend), backend).tolist() == expected
+    # past HORNER_FROM outputs per limb (a prefill, a pad batch), limbs recombine by another path
+    tiled = weight.repeat(1, HORNER_FROM // len(rows) // 4 + 1)
+    got = field_matmul(torch.tensor(rows), product_weight(tiled, backend), backend)
+    assert got.numel() > HORNER_FROM and (got.view(len(rows), -1, 4) == torch.tensor(expected)[:, None]).all()
     with pytest.raises(ValueError, match="exceeds"):
         field_matmul(torch.zeros(1, MAX_INNER_DIM + 1, dtype=torch.int64), torch.zeros(MAX_INNER_DIM + 1, 1, dtype=torch.int8))
 

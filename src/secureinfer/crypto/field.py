@@ -49,6 +49,9 @@ def centred_difference(a: Tensor, b: Tensor) -> Tensor:
 FLOAT_LIMB_BITS = 6
 FLOAT_LIMBS = 6  # 36 bits >= 35
 BACKENDS = ("int8", "float32", "float64")
+# Outputs per limb from which limb products recombine by in-place Horner rather than one small float64
+# product (measured crossover ~30k: 1 x 3072 13 vs 29 us; 512 x 3072 47 vs 16 ms).
+HORNER_FROM = 32768
 WEIGHT_DTYPES = {"int8": torch.int8, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -70,10 +73,15 @@ def _exact_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
         partial = torch._int_mm(limbs.to(torch.int8), weight_t)
     else:
         partial = limbs.to(torch.float32) @ weight_t.to(torch.float32)
-    # Recombine the limb products as one float64 product with 2^(bits * i): every partial sum of it is
-    # sum_k w_k * (value_k's low limbs), at most 2048 * 127 * P < 2^53 in magnitude, so it is exact
-    # (a third of the time of int64 shifts and adds, measured).
-    return (scales @ partial.view(count, -1).to(torch.float64)).view(rows.shape[0], -1).to(torch.int64)
+    # Recombine sum_i 2^(bits * i) * partial_i in float64. Exact: every partial sum of it, in any order, is
+    # sum_k w_k * (value_k's limbs so far, shifted), at most 2048 * 127 * P < 2^53 in magnitude.
+    partial = partial.view(count, rows.shape[0], -1)
+    if partial[0].numel() <= HORNER_FROM:  # a decode step: one small product beats count in-place passes
+        return (scales @ partial.view(count, -1).to(torch.float64)).view(rows.shape[0], -1).to(torch.int64)
+    total = partial[count - 1].to(torch.float64)  # a prefill or pad batch: Horner in place, 3x less memory
+    for i in reversed(range(count - 1)):
+        total.mul_(1 << bits).add_(partial[i])
+    return total.to(torch.int64)
 
 
 def product_weight(weight_t: Tensor, backend: str | None = None) -> Tensor:

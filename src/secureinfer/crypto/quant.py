@@ -5,6 +5,7 @@ functions, which is why they agree bit for bit.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,11 @@ class QuantizedWeight:
     weight_t: Tensor  # int8 [in, out]: transposed, the layout the integer GEMM reads
     scale: Tensor  # float32 [out]
 
+    @functools.cached_property
+    def scale64(self) -> Tensor:
+        """`scale` in float64, the type the rescale multiplies in: converted once, not on every product."""
+        return self.scale.to(torch.float64)
+
 
 def quantize_weight(weight: Tensor) -> QuantizedWeight:
     """weight: float32 [out, in] -> int8 with one scale per output channel."""
@@ -31,13 +37,13 @@ def quantize_weight(weight: Tensor) -> QuantizedWeight:
 
 def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
     """x: float32 [..., d] -> (int64 values in [-QMAX, QMAX], float32 scale per row [..., 1])."""
-    scale = (x.abs().amax(dim=-1, keepdim=True) / ACTIVATION_QMAX).clamp(min=torch.finfo(torch.float32).tiny)
-    return torch.round(x / scale).clamp(-ACTIVATION_QMAX, ACTIVATION_QMAX).to(torch.int64), scale
+    scale = (x.abs().amax(dim=-1, keepdim=True) / ACTIVATION_QMAX).clamp_(min=torch.finfo(torch.float32).tiny)
+    return (x / scale).round_().clamp_(-ACTIVATION_QMAX, ACTIVATION_QMAX).to(torch.int64), scale
 
 
 def dequantize_product(product: Tensor, row_scale: Tensor, weight: QuantizedWeight) -> Tensor:
     """The exact integer product back to float32: product * row scale * channel scale."""
-    return (product.to(torch.float64) * row_scale.to(torch.float64) * weight.scale.to(torch.float64)).float()
+    return (product.to(torch.float64) * row_scale.to(torch.float64)).mul_(weight.scale64).float()
 
 
 def int8_linear(x: Tensor, weight: QuantizedWeight) -> Tensor:
