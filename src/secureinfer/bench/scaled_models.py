@@ -52,13 +52,13 @@ def measure(configs: dict[str, ModelConfig], real: Checkpoint, args) -> list[dic
         schemes = ("plain", *schemes)  # every ratio is to plain, measured beside it
     rows = []
     for name, config in configs.items():
+        # The bundled tokenizer's vocabulary, so its chat prompt is valid input (LLaMA-2's 32,000 ids would not
+        # hold ChatML's): the LM head is the one cost this changes, and the analytic rows keep 32,000.
+        config = dataclasses.replace(config, vocab_size=real.config.vocab_size)
         reason = why_not_measured(config)
         if reason is not None:
             rows.append({"config": name, "parameters": config.num_parameters(), "skipped": reason})
             continue
-        # The bundled tokenizer's vocabulary, so its chat prompt is valid input (LLaMA-2's 32,000 ids would not
-        # hold ChatML's): the LM head is the one cost this changes, and the analytic rows keep 32,000.
-        config = dataclasses.replace(config, vocab_size=real.config.vocab_size)
         checkpoint = real if config == real.config else random_checkpoint(config, real)
         cases = bench_cases(checkpoint.tokenizer, config.max_position_embeddings, None, None, args.max_new_tokens)
         runners = time_round_robin(checkpoint, schemes, cases, args, references=False)
