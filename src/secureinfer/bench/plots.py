@@ -76,7 +76,7 @@ def _scaling(scaling: dict, path: Path) -> Path:
     context = max(scaling["contexts"])
     rows = [r for r in scaling["rows"] if r["context"] == context]
     size = {c["name"]: c["parameters"] for c in scaling["configs"]}
-    measured = [r for r in scaling.get("measured", []) if "skipped" not in r]
+    measured = sorted((r for r in scaling.get("measured", []) if "skipped" not in r), key=lambda r: r["parameters"])
     fig, axes = plt.subplots(1, 3 if measured else 2, figsize=(21 if measured else 14, 5))
     memory, flops = axes[:2]
     for scheme in dict.fromkeys(r["scheme"] for r in rows):
@@ -106,12 +106,13 @@ def _scaling(scaling: dict, path: Path) -> Path:
 
 def _sweep(cases: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
-    for new_tokens in dict.fromkeys(c["new_tokens"] for c in cases):
+    styles = ("-", "--", ":", "-.")  # one per generation length; one colour per runner
+    for new_tokens, style in zip(dict.fromkeys(c["new_tokens"] for c in cases), styles):
         mine = [c for c in cases if c["new_tokens"] == new_tokens]
-        for runner in mine[0]["results"]:
+        for index, runner in enumerate(mine[0]["results"]):
             ax.plot(
                 [c["prompt_tokens"] for c in mine], [c["results"][runner]["decode_tok_s"]["median"] for c in mine],
-                marker="o", label=f"{runner}, {new_tokens} new",
+                marker="o", linestyle=style, color=f"C{index}", label=f"{runner}, {new_tokens} new",
             )  # fmt: skip
     ax.set(xscale="log", xlabel="prompt tokens", ylabel="decode tokens/s (median)", title="measured decode speed")
     ax.legend(fontsize=6)
