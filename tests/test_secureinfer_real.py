@@ -104,10 +104,10 @@ def test_device_view_with_the_adapter_is_uniform_unpredictive_and_holds_no_adapt
         blinded, pads = [], []
         request, take = lm.runtime.channel.request, lm.runtime.pads.take
 
-        def spy_request(kind, meta=None, tensors=None):
+        def spy_request(kind, meta=None, tensors=None, **options):
             if tensors and "v" in tensors:
                 blinded.append(tensors["v"].flatten())
-            return request(kind, meta, tensors)
+            return request(kind, meta, tensors, **options)
 
         def spy_take(name, rows):
             r, u = take(name, rows)
