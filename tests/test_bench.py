@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from argparse import Namespace
 
 import pytest
@@ -65,3 +66,10 @@ def test_the_targets_are_judged_against_this_runs_numbers(report):
     assert latency["met"] == (latency["measured"] <= 1.3)
     text = to_markdown(report)
     assert all(f"{t['id']} {t['name']}" in text for t in report["targets"])
+
+
+def test_the_report_names_the_model_by_file_and_hash_not_by_a_path_of_this_machine(report, tiny_gguf):
+    from secureinfer.model.checkpoint import file_sha256
+
+    assert report["model"] == tiny_gguf.name and report["model_sha256"] == file_sha256(tiny_gguf)
+    assert str(tiny_gguf.parent) not in json.dumps(report)

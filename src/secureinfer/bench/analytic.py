@@ -198,7 +198,7 @@ def run_scaling(args) -> dict:
     schemes = tuple(dict.fromkeys(args.scheme or DEFAULT_SCHEMES))
     configs = scaling_configs(checkpoint.config, Path(checkpoint.source).stem)
     report = {
-        "model": str(checkpoint.source),
+        **checkpoint.identity(),
         "scaling": scaling(configs, schemes),
         "analytic": model_analytic(checkpoint.config, schemes, min(256, checkpoint.config.max_position_embeddings)),
     }

@@ -153,7 +153,7 @@ def compare_quality(
         result["perplexity_change_vs_plain"] = result["perplexity"] / reference["perplexity"] - 1
         result["agreement_vs_plain"] = greedy_agreement(reference["continuations"], result["continuations"])
     return {
-        "model": str(checkpoint.source),
+        **checkpoint.identity(),
         "text_tokens": len(token_ids),
         "window": window,
         "stride": stride,
@@ -166,7 +166,7 @@ def compare_quality(
 
 def quality_markdown(report: dict) -> str:
     lines = [
-        f"{Path(report['model']).name}: perplexity on {report['text_tokens']} tokens (window {report['window']}, "
+        f"{report['model']}: perplexity on {report['text_tokens']} tokens (window {report['window']}, "
         f"stride {report['stride']}); greedy continuations of {len(report['prompts'])} prompts, "
         f"{report['new_tokens']} new tokens each, against {report['reference']}"
         + (f"; adapter {report['adapter']} on every scheme" if report.get("adapter") else ""),

@@ -251,7 +251,7 @@ def run_speed_bench(args) -> dict:
         "load", "time of a second load of the model", second.details["load_s"], "<", SECOND_LOAD_LIMIT_S, unit=" s"
     )
     report = {
-        "model": str(second.source),
+        **second.identity(),
         "threads": {runner.name: runner.threads for runner in runners},
         "channel": args.channel,
         "device": args.device,
@@ -348,7 +348,7 @@ def _ratios(results: dict) -> dict:
 
 def to_markdown(report: dict) -> str:
     lines = [
-        f"{Path(report['model']).name}: {report['channel']} channel, device {report['device']}, pads {report['pads']}, "
+        f"{report['model']}: {report['channel']} channel, device {report['device']}, pads {report['pads']}, "
         f"threads per process {report['threads']}; median (min-max) of {report['repeats']} runs, round-robin",
         "",
         *case_markdown(report),

