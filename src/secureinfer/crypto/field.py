@@ -118,7 +118,8 @@ def fastest_backend() -> str:
     it does not sit in a core's cache any more than a decode step's weights do; keep the fastest.
 
     Batches (a prefill, a pad batch) run on the same route: on AVX2 without int8 dot products, float64 wins
-    both; with VNNI/AMX, int8 wins one row by ~2x and loses 32 rows to float64 by ~1.5x (offline pad work).
+    both; with VNNI/AMX, int8 wins one row by ~2x, and 32 rows went to float64 by ~1.5x before many-row
+    products recombined by Horner (offline pad work, not re-timed since).
     """
     generator = torch.Generator().manual_seed(0)
     weight_t = torch.randint(-127, 128, (576, 8192), generator=generator, dtype=torch.int8)

@@ -98,7 +98,10 @@ class EnclaveRuntime:
         )
         self.checks = self._integrity_checks(blinded, verify_repetitions)
         self._unchecked: list[tuple[str, Tensor, Tensor]] = []  # (weight, padded input, device product)
-        self._quantized_weights: dict[str, QuantizedWeight] = {}
+        # The rescale's view of each blinded weight's int8 copy and scales (its float64 scale is kept once made).
+        self._quantized = {
+            name: QuantizedWeight(self.weights[f"{name}.q"], self.weights[f"{name}.scale"]) for name in blinded
+        }
         self.integrity = {"repetitions": verify_repetitions, "checked": 0, "macs": 0, "seconds": 0.0}
         self.seal_kv = seal_kv
         self.sealed_cache: SealedKVCache | None = None
@@ -265,15 +268,9 @@ class EnclaveRuntime:
             if y.dtype != torch.int64 or y.shape != u.shape:  # cannot even be unpadded: fail it now
                 self._check_products()
         product = centred_difference(y, u).view(*x.shape[:-1], -1)
-        weight = self._quantized(name)
-        store_projection(op, values, with_adapter(dequantize_product(product, row_scale, weight), x, self.weights, name), ctx)
+        product = dequantize_product(product, row_scale, self._quantized[name])
+        store_projection(op, values, with_adapter(product, x, self.weights, name), ctx)
         self.enclave_compute_s += time.perf_counter() - began
-
-    def _quantized(self, name: str) -> QuantizedWeight:
-        """The enclave's int8 copy of a public weight and its scales, as the rescale reads them; made once."""
-        if name not in self._quantized_weights:
-            self._quantized_weights[name] = QuantizedWeight(self.weights[f"{name}.q"], self.weights[f"{name}.scale"])
-        return self._quantized_weights[name]
 
     def _check_products(self) -> None:
         """Freivalds-check the products received since the last check, raising IntegrityError on a wrong one.
