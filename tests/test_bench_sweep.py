@@ -11,11 +11,9 @@ import torch
 from secureinfer.bench import scaled_models
 from secureinfer.bench.analytic import EPC_LINES, MIB, scaling, scaling_configs
 from secureinfer.bench.speed import TRANSFORMERS, bench_cases, run_speed_bench, sweep_prompt
-from secureinfer.crypto.field import MAX_INNER_DIM
 from secureinfer.errors import InvalidRequestError
 from secureinfer.model import load_checkpoint
 from secureinfer.plan import build_plan
-from secureinfer.plan.costs import weight_shape
 from test_cli import assert_one_line_error, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -72,14 +70,14 @@ def test_plots_are_written(sweep):
             assert f.read(8) == PNG_MAGIC
 
 
-def test_scaling_flags_epc_crossings_and_the_exactness_limit(tiny_checkpoint):
+def test_scaling_flags_epc_crossings_and_the_blinded_inputs_precision(tiny_checkpoint):
     report = scaling(scaling_configs(tiny_checkpoint.config, "tiny"))
     configs = {c["name"]: c for c in report["configs"]}
     assert configs["LLaMA-2-7B shape"]["parameters"] == pytest.approx(6.74e9, rel=0.01)
-    for name, config in scaling_configs(tiny_checkpoint.config, "tiny").items():
-        inner = max(weight_shape(w, config)[1] for w in ("wqkv", "wo", "w_down"))
-        assert configs[name]["blinded_exact"].startswith("yes" if inner <= MAX_INNER_DIM else "no")
-    assert configs["tiny"]["blinded_exact"] == "yes" and configs["LLaMA-2-shaped d=1024 L=16"]["blinded_exact"].startswith("no")
+    # 17-bit inputs up to an inner dimension of 2048; past it, as many bits as keep |x W| < P/2
+    assert configs["tiny"]["activation_bits"].startswith("17.0 ")
+    assert configs["LLaMA-2-shaped d=1024 L=16"]["activation_bits"] == "16.6 (inner dim 2752)"
+    assert configs["LLaMA-2-7B shape"]["activation_bits"] == "14.6 (inner dim 11008)"
     for row in report["rows"]:
         crossed = {f"{line // MIB} MiB" for line in EPC_LINES if row["enclave_resident_bytes"] > line}
         assert set(row["crosses"]) == crossed
@@ -87,7 +85,7 @@ def test_scaling_flags_epc_crossings_and_the_exactness_limit(tiny_checkpoint):
     rows = {(r["config"], r["scheme"], r["context"]): r for r in report["rows"]}
     assert rows["tiny", "enclave", 32]["crosses"] == []  # a tiny model fits any EPC
     assert rows["LLaMA-2-7B shape", "enclave", 2048]["crosses"] == ["96 MiB", "128 MiB"]
-    assert rows["LLaMA-2-7B shape", "plain", 2048]["blinded_exact"] == "-"  # nothing blinded, nothing to limit
+    assert rows["LLaMA-2-7B shape", "plain", 2048]["activation_bits"] == "-"  # nothing blinded, nothing to limit
     assert rows["LLaMA-2-7B shape", "secureinfer", 32]["round_trips"] == len(build_plan("secureinfer", scaling_configs(
         tiny_checkpoint.config, "tiny")["LLaMA-2-7B shape"]).device_segments) == 4 * 32 + 1
 
@@ -102,18 +100,27 @@ def test_bench_cli_refuses_bad_lengths(tiny_gguf, tmp_path):
     assert "LLaMA-2-7B shape" in scaling_run.stdout and (tmp_path / "scaling.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def test_scaled_models_are_timed_beside_plain_or_skipped_with_the_reason(tiny_checkpoint):
+def test_scaled_models_are_timed_beside_plain_in_groups_or_skipped_with_the_reason(tiny_checkpoint, monkeypatch):
     config = tiny_checkpoint.config
+    # an FFN two field slices wide: blinded and checked exactly like any other (its inputs quantize more coarsely)
     wider = dataclasses.replace(config, num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=4096)
-    args = Namespace(scheme=["secureinfer"], channel="inprocess", device="cpu", threads=None, pads="online", repeats=1,
-                     max_new_tokens=3)  # fmt: skip
-    rows = scaled_models.measure({"tiny": config, "tiny, wider FFN": wider}, tiny_checkpoint, args)
-    measured, skipped = rows
-    assert set(measured["decode_tok_s"]) == {"plain", "secureinfer"}  # plain joins: every ratio is to it
-    assert measured["latency_vs_plain"]["plain"] == 1.0 and measured["latency_vs_plain"]["secureinfer"] > 0
-    assert measured["measured_per_token"]["secureinfer"]["round_trips"] == 4 * config.num_layers + 1
-    assert skipped["skipped"] == f"blinded products not exact: inner dim 4096 > {MAX_INNER_DIM}"
-    assert "not run: blinded products not exact" in scaled_models.markdown(rows)
+    deeper = dataclasses.replace(config, num_layers=16)
+    assert config.num_parameters() < wider.num_parameters() < deeper.num_parameters()
+    monkeypatch.setattr(scaled_models, "ALL_AT_ONCE_PARAMETERS", config.num_parameters())
+    monkeypatch.setattr(scaled_models, "MAX_PARAMETERS", wider.num_parameters())
+    args = Namespace(scheme=["secureinfer", "hardened"], channel="inprocess", device="cpu", threads=None, pads="online",
+                     repeats=1, max_new_tokens=3)  # fmt: skip
+    rows = scaled_models.measure({"tiny": config, "tiny, wider FFN": wider, "tiny, deeper": deeper}, tiny_checkpoint, args)
+    together, in_pairs, skipped = rows
+    assert (together["round_robin"], in_pairs["round_robin"]) == ("all at once", "each beside plain")
+    for row, model in ((together, config), (in_pairs, wider)):
+        assert set(row["decode_tok_s"]) == {"plain", "secureinfer", "hardened"}  # plain joins: every ratio is to it
+        assert row["latency_vs_plain"]["plain"] == 1.0 and row["latency_vs_plain"]["hardened"] > 0
+        assert row["measured_per_token"]["secureinfer"]["round_trips"] == 4 * model.num_layers + 1
+    assert skipped["skipped"] == f"{deeper.num_parameters() / 1e6:,.0f} M parameters: past this bench's {wider.num_parameters() / 1e6:,.0f} M"
+    text = scaled_models.markdown(rows)
+    assert "not run: " in text and "| each beside plain |" in text and "| all at once |" in text
     other = scaled_models.random_checkpoint(config, tiny_checkpoint, seed=1)
     assert other.tokenizer is tiny_checkpoint.tokenizer and set(other.weights) >= {"model.embed_tokens.weight"}
     assert not torch.equal(other.weights["model.embed_tokens.weight"], tiny_checkpoint.weights["model.embed_tokens.weight"])
+

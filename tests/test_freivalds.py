@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from secureinfer.crypto import freivalds
-from secureinfer.crypto.field import MAX_INNER_DIM, P, field_matmul
-from secureinfer.crypto.freivalds import MAX_OUT, FreivaldsCheck
+from secureinfer.crypto.field import CHUNK, P, field_matmul
+from secureinfer.crypto.freivalds import MAX_TERMS, FreivaldsCheck
 from secureinfer.errors import IntegrityError
 
 # (in, out, trials): small and odd shapes, SmolLM's projections, the inner-dimension limit, LM heads
@@ -131,9 +131,9 @@ def test_malformed_device_results_fail():
 
 def test_limits_and_misuse_are_refused():
     with pytest.raises(ValueError, match="proven exact"):
-        FreivaldsCheck(torch.zeros(MAX_INNER_DIM + 1, 1, dtype=torch.int8))
+        FreivaldsCheck(torch.zeros(MAX_TERMS, 1, dtype=torch.int8))
     with pytest.raises(ValueError, match="proven exact"):
-        FreivaldsCheck(torch.zeros(1, MAX_OUT + 1, dtype=torch.int8))
+        FreivaldsCheck(torch.zeros(1, MAX_TERMS, dtype=torch.int8))
     with pytest.raises(ValueError, match="repetitions"):
         FreivaldsCheck(torch.zeros(2, 2, dtype=torch.int8), 0)
     with pytest.raises(ValueError, match="int8"):
@@ -179,17 +179,20 @@ def test_projections_match_python_integers(monkeypatch):
 
 
 def test_arithmetic_is_exact_at_the_extremes(monkeypatch):
-    """Every operand at its largest: s, v and y all P - 1, W all +-127, the inner dimension near 2^17."""
+    """Every operand at its largest: s, v and y all P - 1, W all +-127, in + out = 2^17; then a product wider than
+    one of the field's slices."""
     recording_uniform_field(monkeypatch, fill=P - 1)
-    rows = [[127] * MAX_OUT, [-127] * MAX_OUT, [(-1) ** j * 127 for j in range(MAX_OUT)]]
+    out = MAX_TERMS - 3
+    rows = [[127] * out, [-127] * out, [(-1) ** j * 127 for j in range(out)]]
     check = FreivaldsCheck(torch.tensor(rows, dtype=torch.int8), repetitions=2)
     ws = [sum(row) * (P - 1) for row in rows]
-    expected = (MAX_OUT * (P - 1) * (P - 1) - sum((P - 1) * x for x in ws)) % P
-    assert project([[P - 1] * MAX_OUT] * 2, [[P - 1] * 3] * 2, check) == [[expected] * 2] * 2
+    expected = (out * (P - 1) * (P - 1) - sum((P - 1) * x for x in ws)) % P
+    assert project([[P - 1] * out] * 2, [[P - 1] * 3] * 2, check) == [[expected] * 2] * 2
 
-    w = torch.tensor([[127, -127, 127, -127, (-1) ** i * 127] for i in range(MAX_INNER_DIM)], dtype=torch.int8)
+    inner = 3 * CHUNK
+    w = torch.tensor([[127, -127, 127, -127, (-1) ** i * 127] for i in range(inner)], dtype=torch.int8)
     check = FreivaldsCheck(w)
-    v = torch.full((1, MAX_INNER_DIM), P - 1)
+    v = torch.full((1, inner), P - 1)
     y = field_matmul(v, w)
     assert y.tolist() == [[(P - 1) * sum(int(x) for x in w[:, j]) % P for j in range(5)]]
     assert check.verify(v, y)

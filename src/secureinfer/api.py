@@ -16,7 +16,6 @@ from .errors import InvalidRequestError
 from .data import DEMO_ADAPTER
 from .model import Checkpoint, load_checkpoint
 from .model.adapter import load_adapter
-from .model.llama import LlamaWeights
 from .model.tokenizer import validate_messages
 from .plan import PRESETS, build_plan
 from .plan.costs import PlanCosts, plan_costs
@@ -71,10 +70,9 @@ class SecureLM:
         open_device = functools.partial(
             open_channel, channel, device=device, record_view=record_view, timeout_s=device_timeout_s, threads=threads
         )
-        weights = LlamaWeights.from_state_dict(checkpoint.config, checkpoint.weights)
         self.runtime = EnclaveRuntime(
             checkpoint.config,
-            weights,
+            checkpoint.fused_weights,
             self.plan,
             open_device,
             adapter=self.adapter.tensors if self.adapter else None,

@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--scaling", action="store_true", help="analytic costs of LLaMA-2-shaped models of 58M-7B parameters; no timing")
     bench.add_argument(
         "--scaling-measured", action="store_true",
-        help="with --scaling: also time plain, enclave, secureinfer and hardened on random-weight models of the shapes "
-        "blinding handles exactly (at most 400M parameters)",
+        help="with --scaling: also time plain, enclave, secureinfer and hardened on random-weight models of those shapes "
+        "up to 1.5B parameters",
     )  # fmt: skip
     bench.add_argument("--plots", metavar="DIR", help="write PNG plots of the report to DIR")
     bench.add_argument("--json", action="store_true", help="print the full report as JSON")
@@ -447,7 +447,7 @@ def _attack(args) -> None:
             ))  # fmt: skip
         return
     checkpoint = load_checkpoint(args.model, progress=not args.quiet)
-    public = Llama.from_state_dict(checkpoint.config, checkpoint.weights)
+    public = Llama(checkpoint.config, checkpoint.fused_weights)
     recovery = CONVERSATION_ATTACKS[args.name.replace("-", "_")](view, public)
     if args.json:
         print(json.dumps({

@@ -248,7 +248,7 @@ def run_audit(
     versions = _versions()  # now: the checkout may move on while a long audit runs
     torch.manual_seed(seed)
     tokenizer, config = checkpoint.tokenizer, checkpoint.config
-    public = Llama.from_state_dict(config, checkpoint.weights)  # the adversary's copy of the public base
+    public = Llama(config, checkpoint.fused_weights)  # the adversary's copy of the public base
     prior = unigram_prior(tokenizer)
     victims = load_conversations()[: size.conversations]
     extract = ExtractionStage(checkpoint, size, seed, progress)

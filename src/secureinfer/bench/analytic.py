@@ -8,9 +8,10 @@ study's measured points when asked for (scaled_models.py).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from ..crypto.field import MAX_INNER_DIM
+from ..crypto.quant import activation_qmax
 from ..model.config import ModelConfig
 from ..plan import PRESETS, build_plan
 from ..plan.costs import plan_costs, weight_shape
@@ -44,8 +45,7 @@ def pad_flops(plan: Plan, tokens: int = 1) -> int:
 
 
 def blinded_inner_dim(plan: Plan) -> int | None:
-    """The largest inner dimension of a blinded product (None: the plan blinds nothing). The field product is
-    proven exact only up to `MAX_INNER_DIM`."""
+    """The largest inner dimension of a blinded product (None: the plan blinds nothing)."""
     dims = [
         weight_shape(name, plan.config)[1]
         for p in plan.placements
@@ -55,11 +55,13 @@ def blinded_inner_dim(plan: Plan) -> int | None:
     return max(dims, default=None)
 
 
-def exactness(plan: Plan) -> str:
+def activation_bits(plan: Plan) -> str:
+    """The coarsest fixed point a blinded input gets: past an inner dimension of 2048 inputs are quantized more
+    coarsely so that the product still unpads exactly (`quant.activation_qmax`)."""
     inner = blinded_inner_dim(plan)
     if inner is None:
         return "-"
-    return "yes" if inner <= MAX_INNER_DIM else f"no (inner dim {inner} > {MAX_INNER_DIM})"
+    return f"{math.log2(2 * activation_qmax(inner) + 1):.1f} (inner dim {inner})"
 
 
 def decode_costs(plan: Plan, context: int) -> dict:
@@ -121,7 +123,7 @@ def scaling_configs(model: ModelConfig, model_name: str) -> dict[str, ModelConfi
 
 
 def scaling(configs: dict[str, ModelConfig], schemes=tuple(PRESETS), contexts=SCALING_CONTEXTS) -> dict:
-    """Per config: size and whether blinding is exact; per config, scheme and context: the per-token costs and
+    """Per config: size and the coarsest blinded input's fixed point; per config, scheme and context: the per-token costs and
     which enclave-memory lines the resident bytes cross."""
     out = {"contexts": list(contexts), "epc_lines_bytes": list(EPC_LINES), "configs": [], "rows": []}
     for name, config in configs.items():
@@ -130,14 +132,14 @@ def scaling(configs: dict[str, ModelConfig], schemes=tuple(PRESETS), contexts=SC
             "name": name, "parameters": config.num_parameters(), "hidden": config.hidden_size,
             "ffn": config.intermediate_size, "layers": config.num_layers,
             "largest_inner_dim": max(config.hidden_size, config.q_size, config.intermediate_size),
-            "blinded_exact": exactness(build_plan("secureinfer", config)),
+            "activation_bits": activation_bits(build_plan("secureinfer", config)),
         })  # fmt: skip
         for scheme, plan in plans.items():
             for context in contexts:
                 costs = decode_costs(plan, context)
                 resident = costs["enclave_resident_bytes"]
                 crosses = [f"{line // MIB} MiB" for line in EPC_LINES if resident > line]
-                out["rows"].append({"config": name, "scheme": scheme, **costs, "crosses": crosses, "blinded_exact": exactness(plan)})
+                out["rows"].append({"config": name, "scheme": scheme, **costs, "crosses": crosses, "activation_bits": activation_bits(plan)})
     return out
 
 
@@ -145,22 +147,22 @@ def scaling_markdown(report: dict) -> str:
     lines = [
         "Scaling, analytic (per decode token; enclave FLOPs online + offline pads; resident = enclave weights + KV cache)",
         "",
-        "| config | parameters | d | FFN | layers | blinded exact |",
+        "| config | parameters | d | FFN | layers | `secureinfer` activation bits |",
         "|---|---|---|---|---|---|",
     ]
     for c in report["configs"]:
-        lines.append(f"| {c['name']} | {c['parameters'] / 1e6:,.0f} M | {c['hidden']} | {c['ffn']} | {c['layers']} | {c['blinded_exact']} |")
+        lines.append(f"| {c['name']} | {c['parameters'] / 1e6:,.0f} M | {c['hidden']} | {c['ffn']} | {c['layers']} | {c['activation_bits']} |")
     lines += [
         "",
         "| config | scheme | context | enclave GFLOPs (online + pads) | device GFLOPs | round trips | bytes | "
-        "enclave resident MiB | crosses | blinded exact |",
+        "enclave resident MiB | crosses | activation bits |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['config']} | {r['scheme']} | {r['context']} | {r['enclave_flops'] / 1e9:.4f} + {r['offline_pad_flops'] / 1e9:.4f} "
             f"| {r['device_flops'] / 1e9:.4f} | {r['round_trips']} | {r['bytes']:,} | {r['enclave_resident_bytes'] / MIB:,.1f} "
-            f"| {', '.join(r['crosses']) or '-'} | {r['blinded_exact']} |"
+            f"| {', '.join(r['crosses']) or '-'} | {r['activation_bits']} |"
         )
     return "\n".join(lines)
 

@@ -286,7 +286,7 @@ def time_round_robin(checkpoint: Checkpoint, schemes, cases: list[Case], args, r
     config = checkpoint.config
     runners = []
     if references:
-        engine = Generator(Llama.from_state_dict(config, checkpoint.weights), checkpoint.tokenizer, config.max_position_embeddings)
+        engine = Generator(Llama(config, checkpoint.fused_weights), checkpoint.tokenizer, config.max_position_embeddings)
         runners += [generator_runner(ENGINE, engine), transformers_runner(checkpoint)]
     base_threads = torch.get_num_threads()
     lms = []

@@ -2,10 +2,15 @@
 
 P = 2^35 - 31 (prime). Why this size: a blinded activation is uniform in [0, P), and the device
 multiplies it by int8 weights. Split into five 7-bit limbs, each limb row times an int8 matrix
-sums at most 1536 * 127 * 127 < 2^31 per output, so `torch._int_mm` (int8 x int8 -> int32) is
-exact; recombined in int64 (< 2^63), everything stays exact. The signed results we recover must
-fit in (-P/2, P/2): with 17-bit activations (|x| <= 65535) and int8 weights over an inner
-dimension of up to 2048, |x W| <= 2048 * 65535 * 127 < 2^34 = P/2.
+sums at most 2048 * 127 * 127 < 2^31 per output, so `torch._int_mm` (int8 x int8 -> int32) is
+exact. The signed results we recover must fit in (-P/2, P/2): with 17-bit activations
+(|x| <= 65535) and int8 weights over an inner dimension of up to 2048, |x W| <= 2048 * 65535 * 127
+< 2^34 = P/2; wider layers quantize their inputs more coarsely (`quant.activation_qmax`), so the
+bound holds at any width.
+
+A product over an inner dimension wider than `CHUNK` = 2048 is the sum of its 2048-wide slices' products:
+each slice obeys every bound below, and up to 2^9 slice results (each < 2^53) add exactly in int64 before
+the one reduction mod P.
 
 Three exact routes compute the same integers; `fastest_backend` picks one per process:
 - int8: five 7-bit limbs through `torch._int_mm`, 1 byte per weight; fast only on CPUs with int8
@@ -31,7 +36,8 @@ from torch import Tensor
 P = 2**35 - 31
 LIMB_BITS = 7
 LIMBS = 5  # 5 * 7 = 35 bits: every element of [0, P)
-MAX_INNER_DIM = 2048  # the bound above; larger layers would need a larger P or narrower activations
+CHUNK = 2048  # inner dimensions per exact product: the bounds of every route hold up to here
+MAX_INNER_DIM = CHUNK * 2**9  # slice results summed in int64 before one reduction
 
 
 def to_signed(values: Tensor) -> Tensor:
@@ -104,10 +110,14 @@ def field_matmul(values: Tensor, weight_t: Tensor, backend: str | None = None) -
 
     `backend`: "int8", "float32" or "float64" (see the module docstring); by default the fastest on this CPU.
     """
-    if values.shape[-1] > MAX_INNER_DIM:
-        raise ValueError(f"inner dimension {values.shape[-1]} exceeds {MAX_INNER_DIM}, where exactness is proven")
-    rows = values.reshape(-1, values.shape[-1])
-    total = _exact_product(rows, weight_t, backend or fastest_backend())
+    inner = values.shape[-1]
+    if inner > MAX_INNER_DIM:
+        raise ValueError(f"inner dimension {inner} exceeds {MAX_INNER_DIM}, where exactness is proven")
+    rows = values.reshape(-1, inner)
+    backend = backend or fastest_backend()
+    total = _exact_product(rows[:, :CHUNK], weight_t[:CHUNK], backend)
+    for start in range(CHUNK, inner, CHUNK):
+        total += _exact_product(rows[:, start : start + CHUNK], weight_t[start : start + CHUNK], backend)
     return (total % P).view(*values.shape[:-1], -1)
 
 

@@ -14,7 +14,15 @@ from torch import Tensor
 from .field import P, field_matmul, to_signed
 
 WEIGHT_QMAX = 127
-ACTIVATION_QMAX = 2**16 - 1  # 17-bit signed fixed point; see field.py for why it stays exact
+ACTIVATION_QMAX = 2**16 - 1  # 17-bit signed fixed point up to an inner dimension of 2048; see field.py
+
+
+@functools.cache
+def activation_qmax(inner_dim: int) -> int:
+    """The largest |x| for inputs of an `inner_dim`-wide product: |x W| <= inner_dim * qmax * 127 must stay
+    within P // 2 for the blinded product to unpad exactly. 65535 up to 2048; 52,841 for SmolLM2-360M's
+    FFN (2560); 12,288 (~15 bits) for LLaMA-2-7B's (11008)."""
+    return min(ACTIVATION_QMAX, (P // 2) // (inner_dim * WEIGHT_QMAX))
 
 
 @dataclass
@@ -36,9 +44,11 @@ def quantize_weight(weight: Tensor) -> QuantizedWeight:
 
 
 def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x: float32 [..., d] -> (int64 values in [-QMAX, QMAX], float32 scale per row [..., 1])."""
-    scale = (x.abs().amax(dim=-1, keepdim=True) / ACTIVATION_QMAX).clamp_(min=torch.finfo(torch.float32).tiny)
-    return (x / scale).round_().clamp_(-ACTIVATION_QMAX, ACTIVATION_QMAX).to(torch.int64), scale
+    """x: float32 [..., d] -> (int64 values in [-qmax, qmax], float32 scale per row [..., 1]), qmax =
+    `activation_qmax(d)`."""
+    qmax = activation_qmax(x.shape[-1])
+    scale = (x.abs().amax(dim=-1, keepdim=True) / qmax).clamp_(min=torch.finfo(torch.float32).tiny)
+    return (x / scale).round_().clamp_(-qmax, qmax).to(torch.int64), scale
 
 
 def dequantize_product(product: Tensor, row_scale: Tensor, weight: QuantizedWeight) -> Tensor:

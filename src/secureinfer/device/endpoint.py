@@ -151,10 +151,13 @@ class DeviceEndpoint:
     def _put_weights(self, meta: Meta, tensors: Tensors) -> tuple[Meta, Tensors]:
         self._require_hello()
         for name, tensor in tensors.items():
-            self.weights[name] = tensor.to(self.device)
+            weight = compute = tensor.to(self.device)
+            if name.endswith(".q") and weight.dtype == torch.int8:
+                compute = product_weight(weight)
+                if compute.dtype == weight.dtype:  # the int8 route's copy: the same values, only laid out [out, in]
+                    weight = compute  # so hold that one alone (a 1.4B model's blinded weights: 1.3 GB, not 2.6)
+            self.weights[name], self.compute_weights[name] = weight, compute
             self.aliases.pop(name, None)
-            field_weight = name.endswith(".q") and tensor.dtype == torch.int8
-            self.compute_weights[name] = product_weight(self.weights[name]) if field_weight else self.weights[name]
         for alias, target in meta.get("aliases", {}).items():
             if target not in self.weights:
                 raise KeyError(f"alias {alias!r} names weight {target!r}, which the device does not hold")
