@@ -124,3 +124,14 @@ def test_scaled_models_are_timed_beside_plain_in_groups_or_skipped_with_the_reas
     assert other.tokenizer is tiny_checkpoint.tokenizer and set(other.weights) >= {"model.embed_tokens.weight"}
     assert not torch.equal(other.weights["model.embed_tokens.weight"], tiny_checkpoint.weights["model.embed_tokens.weight"])
 
+
+
+def test_reports_name_the_commit_they_measured():
+    import subprocess
+    from pathlib import Path
+
+    from secureinfer.bench import source_commit
+
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    assert source_commit().removesuffix("+changes") == head.stdout.strip()

@@ -17,6 +17,7 @@ from ..plan import PRESETS, build_plan
 from ..plan.costs import plan_costs, weight_shape
 from ..plan.ops import op_flops, weight_names
 from ..plan.plan import DEVICE, ENCLAVE, LAST_POSITION_OPS, Plan
+from . import source_commit
 
 CONTEXTS = (32, 64, 128, 256, 512, 1024, 2048)
 SCALING_CONTEXTS = (32, 128, 512, 2048)
@@ -201,10 +202,11 @@ def run_scaling(args) -> dict:
     configs = scaling_configs(checkpoint.config, Path(checkpoint.source).stem)
     report = {
         **checkpoint.identity(),
+        "source_commit": source_commit(),
         "scaling": scaling(configs, schemes),
         "analytic": model_analytic(checkpoint.config, schemes, min(256, checkpoint.config.max_position_embeddings)),
     }
-    text = scaling_markdown(report["scaling"])
+    text = f"code {report['source_commit'] or 'unknown'}\n\n" + scaling_markdown(report["scaling"])
     if args.scaling_measured:
         from . import scaled_models  # runs models: only when asked for
 

@@ -23,6 +23,7 @@ from ..data import EVAL_TEXT
 from ..errors import InvalidRequestError
 from ..model import Checkpoint, load_checkpoint
 from ..plan import PRESETS
+from . import source_commit
 from .speed import DEFAULT_SCHEMES
 
 DEFAULT_TEXT = EVAL_TEXT
@@ -154,6 +155,7 @@ def compare_quality(
         result["agreement_vs_plain"] = greedy_agreement(reference["continuations"], result["continuations"])
     return {
         **checkpoint.identity(),
+        "source_commit": source_commit(),
         "text_tokens": len(token_ids),
         "window": window,
         "stride": stride,

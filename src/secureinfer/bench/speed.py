@@ -30,6 +30,7 @@ from ..model import Checkpoint, Llama, load_checkpoint
 from ..plan import PRESETS, build_plan
 from ..plan.ops import weight_names
 from ..plan.plan import LAST_POSITION_OPS
+from . import source_commit
 from .analytic import analytic_markdown, decode_costs, model_analytic, pad_flops
 from .targets import cell, describe, judge, target
 
@@ -252,6 +253,7 @@ def run_speed_bench(args) -> dict:
     )
     report = {
         **second.identity(),
+        "source_commit": source_commit(),
         "threads": {runner.name: runner.threads for runner in runners},
         "channel": args.channel,
         "device": args.device,
@@ -349,7 +351,8 @@ def _ratios(results: dict) -> dict:
 def to_markdown(report: dict) -> str:
     lines = [
         f"{report['model']}: {report['channel']} channel, device {report['device']}, pads {report['pads']}, "
-        f"threads per process {report['threads']}; median (min-max) of {report['repeats']} runs, round-robin",
+        f"threads per process {report['threads']}; median (min-max) of {report['repeats']} runs, round-robin; "
+        f"code {report.get('source_commit') or 'unknown'}",
         "",
         *case_markdown(report),
     ]
