@@ -15,7 +15,7 @@ from gguf_fixtures import tiny_llama_config, tiny_llama_model, write_llama_gguf
 from scheme_runs import forward_logits, padded_batch
 from secureinfer.attacks.traffic import regression_r_squared, uniformity_p_value
 from secureinfer.crypto.field import (
-    BACKENDS, CHUNK, HORNER_FROM, MAX_INNER_DIM, P, centred_difference, fastest_backend, field_matmul, product_weight, to_signed,
+    BACKENDS, BYTE_LIMBS_FROM, CHUNK, HORNER_FROM, MAX_INNER_DIM, _limbs_from_bytes, P, centred_difference, fastest_backend, field_matmul, product_weight, to_signed,
 )
 from secureinfer.crypto.pads import PadPool, uniform_field
 from secureinfer.crypto.quant import ACTIVATION_QMAX, activation_qmax, int8_linear, quantize_activation, quantize_weight
@@ -43,6 +43,22 @@ def test_field_product_is_exact_at_the_extremes(backend, inner):
     assert got.numel() > HORNER_FROM and (got.view(len(rows), -1, 4) == torch.tensor(expected)[:, None]).all()
     with pytest.raises(ValueError, match="exceeds"):
         field_matmul(torch.zeros(1, MAX_INNER_DIM + 1, dtype=torch.int64), torch.zeros(MAX_INNER_DIM + 1, 1, dtype=torch.int8))
+
+
+def test_many_rows_cut_their_limbs_from_bytes_and_stay_exact():
+    """A prefill's or pad batch's rows take the byte-cut limbs and the int64 Horner path: same integers."""
+    rng = random.Random(1)
+    edges = [0, 1, 127, 128, 2**7 - 1, 2**14, 2**28 - 1, 2**28, 2**32 - 1, 2**32, P // 2, P // 2 + 1, P - 1]
+    rows = torch.tensor([[rng.choice(edges + [rng.randrange(P)]) for _ in range(600)] for _ in range(40)])
+    assert rows.numel() >= BYTE_LIMBS_FROM
+    shifted = ((rows.unsqueeze(0) >> torch.arange(0, 35, 7).view(5, 1, 1)) & 127).view(-1, 600).to(torch.int8)
+    assert torch.equal(_limbs_from_bytes(rows), shifted)
+    weight = torch.tensor([[rng.choice((-127, 127, rng.randrange(-127, 128))) for _ in range(3)] + [-127] for _ in range(600)], dtype=torch.int8)
+    expected = [[sum(x * int(weight[k, j]) for k, x in enumerate(row)) % P for j in range(4)] for row in rows.tolist()]
+    assert field_matmul(rows, product_weight(weight, "int8"), "int8").tolist() == expected
+    tiled = weight.repeat(1, HORNER_FROM // rows.shape[0] // 4 + 1)  # past HORNER_FROM outputs per limb as well
+    got = field_matmul(rows, product_weight(tiled, "int8"), "int8")
+    assert got[0].numel() * rows.shape[0] > HORNER_FROM and (got.view(40, -1, 4) == torch.tensor(expected)[:, None]).all()
 
 
 def test_the_default_backend_is_one_of_the_exact_ones():

@@ -19,7 +19,7 @@ from ..model.config import ModelConfig
 from .speed import bench_cases, summarize, time_round_robin
 
 SCHEMES = ("plain", "enclave", "secureinfer", "hardened")
-MAX_PARAMETERS = 1_500_000_000  # LLaMA-2-shaped d=2048 (1.4B with this vocabulary); 7B would need ~40 GB
+MAX_PARAMETERS = 1_500_000_000  # LLaMA-2-shaped d=2048 (1.4B with this vocabulary); 7B would need ~60 GB
 # With every runner alive at once, a model needs ~33 bytes per parameter here (10 GB at 303M: the checkpoint,
 # `plain`'s fp32 device, `enclave`'s fp32 copy, each blinded scheme's int8 copies on both sides). Past this, each
 # scheme runs round-robin beside its own `plain` instead, in turn (~18 GB at 1.4B for `plain` beside `enclave`).

@@ -85,8 +85,8 @@ def _exact_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
             partial = torch._int_mm(limbs.to(torch.int8), weight_t)
         else:  # exact integers below 2^24, so the int32 copy loses nothing
             partial = (limbs.to(torch.float32) @ weight_t.to(torch.float32)).to(torch.int32)
-    # Recombine sum_i 2^(bits * i) * partial_i in float64. Exact: every partial sum of it, in any order, is
-    # sum_k w_k * (value_k's limbs so far, shifted), at most 2048 * 127 * P < 2^53 in magnitude.
+    # Recombine sum_i 2^(bits * i) * partial_i. Exact in float64 and in int64: every partial sum of it, in any
+    # order, is sum_k w_k * (value_k's limbs so far, shifted), at most 2048 * 127 * P < 2^53 in magnitude.
     partial = partial.view(count, rows.shape[0], -1)
     if partial[0].numel() <= HORNER_FROM:  # a decode step: one small product beats count in-place passes
         return (scales @ partial.view(count, -1).to(torch.float64)).view(rows.shape[0], -1).to(torch.int64)
