@@ -139,9 +139,12 @@ def field_matmul(values: Tensor, weight_t: Tensor, backend: str | None = None) -
         raise ValueError(f"inner dimension {inner} exceeds {MAX_INNER_DIM}, where exactness is proven")
     rows = values.reshape(-1, inner)
     backend = backend or fastest_backend()
-    total = _exact_product(rows[:, :CHUNK], weight_t[:CHUNK], backend)
-    for start in range(CHUNK, inner, CHUNK):
-        total += _exact_product(rows[:, start : start + CHUNK], weight_t[start : start + CHUNK], backend)
+    if inner <= CHUNK:  # every layer of most small models: no slicing on the decode path
+        total = _exact_product(rows, weight_t, backend)
+    else:
+        total = _exact_product(rows[:, :CHUNK], weight_t[:CHUNK], backend)
+        for start in range(CHUNK, inner, CHUNK):
+            total += _exact_product(rows[:, start : start + CHUNK], weight_t[start : start + CHUNK], backend)
     return total.remainder_(P).view(*values.shape[:-1], -1)
 
 
