@@ -22,7 +22,7 @@ SCHEMES = ("plain", "enclave", "secureinfer", "hardened")
 MAX_PARAMETERS = 1_500_000_000  # LLaMA-2-shaped d=2048 (1.4B with this vocabulary); 7B would need ~60 GB
 # With every runner alive at once, a model needs ~33 bytes per parameter here (10 GB at 303M: the checkpoint,
 # `plain`'s fp32 device, `enclave`'s fp32 copy, each blinded scheme's int8 copies on both sides). Past this, each
-# scheme runs round-robin beside its own `plain` instead, in turn (~18 GB at 1.4B for `plain` beside `enclave`).
+# scheme runs round-robin beside its own `plain` instead, in turn (~18 GB at 1.4B for a pair).
 ALL_AT_ONCE_PARAMETERS = 500_000_000
 
 
@@ -75,7 +75,7 @@ def _measure_model(name: str, config: ModelConfig, real: Checkpoint, schemes: tu
         # each later group's plain only sets the ratios of the schemes beside it
         figures |= {scheme: f for scheme, f in _time_group(checkpoint, group, cases, args).items() if scheme not in figures}
         # A closed SecureLM sits in reference cycles, and collection thresholds count objects, not the gigabytes
-        # they hold: without this the bench was killed for memory by the third model.
+        # they hold: without this the bench was killed for memory by the fourth model.
         gc.collect()
     return {
         "config": name, "parameters": config.num_parameters(), "vocab_size": config.vocab_size, "new_tokens": cases[0].new_tokens,
