@@ -17,7 +17,8 @@ from gguf_fixtures import tiny_llama_config, tiny_llama_model
 from secureinfer.data import DEMO_ADAPTER, DEMO_FACTS
 from secureinfer.model import ModelConfig
 from secureinfer import AdapterLoadError
-from secureinfer.model.adapter import FUSED_WEIGHTS, load_adapter
+from secureinfer.model.adapter import load_adapter
+from secureinfer.model.llama import FUSED_WEIGHTS
 from secureinfer.model.kernels import lora_delta
 from secureinfer.model.llama import Llama, LlamaWeights
 

@@ -35,7 +35,8 @@ from transformers import AutoModelForCausalLM
 from ..api import SecureLM
 from ..data import DEMO_ADAPTER, DEMO_FACTS
 from ..model import Checkpoint
-from ..model.adapter import FUSED_WEIGHTS, TARGETS as ADAPTER_TARGETS
+from ..model.adapter import TARGETS as ADAPTER_TARGETS
+from ..model.llama import FUSED_WEIGHTS, module_path
 from .view import DeviceView
 
 # What an attacker who knows only the company's name would ask about it.
@@ -97,7 +98,6 @@ GENERAL_PROMPTS = (
 )
 
 SURROGATES = ("base", "black_box", "gray_box", "white_box")
-ATTENTION_MEMBERS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def peft_from_fused(fused: dict[str, Tensor], base) -> PeftModel:
         lora_b = fused[f"{prefix}.lora_b"]
         blocks, row = [], 0
         for member in FUSED_WEIGHTS[weight]:
-            path = f"model.layers.{layer}.{_parent(member)}.{member}"
+            path = module_path(int(layer), member)
             size = base.get_submodule(path).out_features
             if lora_b[row : row + size].any():
                 blocks.append((path, member, row, size))
@@ -234,10 +234,6 @@ def peft_from_fused(fused: dict[str, Tensor], base) -> PeftModel:
     if unexpected:
         raise ValueError(f"stolen tensors that fit no module of the base model: {sorted(unexpected)[:3]}")
     return model.eval()
-
-
-def _parent(member: str) -> str:
-    return "self_attn" if member in ATTENTION_MEMBERS else "mlp"
 
 
 def _answer_positions(answer: VictimAnswer) -> range:

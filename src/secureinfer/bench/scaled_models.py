@@ -89,11 +89,12 @@ def _time_group(checkpoint: Checkpoint, group: tuple[str, ...], cases, args) -> 
     figures only, so the runners and their copies of the model are freed before the next group loads its own."""
     key = cases[0].key
     runners = time_round_robin(checkpoint, group, cases, args, references=False)
-    plain = summarize(runners[0].decode_tok_s[key])["median"]
+    decode = {r.name: summarize(r.decode_tok_s[key]) for r in runners}
+    plain = decode[runners[0].name]["median"]
     return {
         r.name: {
-            "decode_tok_s": summarize(r.decode_tok_s[key]),
-            "latency_vs_plain": plain / summarize(r.decode_tok_s[key])["median"],
+            "decode_tok_s": decode[r.name],
+            "latency_vs_plain": plain / decode[r.name]["median"],
             "measured_per_token": r.extra[key]["measured_per_token"],
             "offline_pad_ms_per_token": r.extra[key]["offline_pad_ms_per_token"],
         }

@@ -25,19 +25,13 @@ from torch import Tensor
 
 from ..errors import SecureInferError
 from .config import ModelConfig
+from .llama import FUSED_WEIGHTS, MODULE_PARENT
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 # transformers' module names, in the order their outputs sit inside our fused weights.
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FUSED_WEIGHTS = {
-    "wqkv": ("q_proj", "k_proj", "v_proj"),
-    "wo": ("o_proj",),
-    "w_gate_up": ("gate_proj", "up_proj"),
-    "w_down": ("down_proj",),
-}
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
 
 # PEFT writes `base_model.model.` + the module path; the `model.` after it is there for *ForCausalLM.
 _KEY = re.compile(r"base_model\.model\.(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
@@ -217,7 +211,7 @@ def _read_modules(weights_file: Path, config: ModelConfig, rank: int) -> dict[tu
     unknown = []
     for key, tensor in raw.items():
         match = _KEY.fullmatch(key)
-        if not match or match[3] not in TARGETS or _PARENT.get(match[3], "mlp") != match[2]:
+        if not match or match[3] not in TARGETS or MODULE_PARENT[match[3]] != match[2]:
             unknown.append(key)
             continue
         found.setdefault((int(match[1]), match[3]), {})[match[4]] = tensor

