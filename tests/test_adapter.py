@@ -18,9 +18,8 @@ from secureinfer.data import DEMO_ADAPTER, DEMO_FACTS
 from secureinfer.model import ModelConfig
 from secureinfer import AdapterLoadError
 from secureinfer.model.adapter import load_adapter
-from secureinfer.model.llama import FUSED_WEIGHTS
 from secureinfer.model.kernels import lora_delta
-from secureinfer.model.llama import Llama, LlamaWeights
+from secureinfer.model.llama import FUSED_WEIGHTS, Llama, LlamaWeights
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEMO, FACTS = DEMO_ADAPTER, DEMO_FACTS
