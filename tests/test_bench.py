@@ -14,7 +14,7 @@ from secureinfer.bench.speed import DEFAULT_SCHEMES, ENGINE, TRANSFORMERS, run_s
 def report(tiny_gguf):
     args = Namespace(
         model=str(tiny_gguf), scheme=None, threads=None, channel="process", device="cpu", quiet=True,
-        max_new_tokens=6, repeats=2, json=True, out=None, prompt_lengths=None, gen_lengths=None, pads="online", plots=None,
+        max_new_tokens=6, repeats=2, json=True, out=None, prompt_lengths=None, gen_lengths=None, pads="online", plots=None, enclave_share=None,
     )  # fmt: skip
     return run_speed_bench(args)
 

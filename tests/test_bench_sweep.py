@@ -41,7 +41,7 @@ def sweep(tiny_gguf, tmp_path_factory):
     args = Namespace(
         model=str(tiny_gguf), scheme=["plain", "secureinfer"], threads=None, channel="inprocess", device="cpu",
         quiet=True, max_new_tokens=64, repeats=1, json=True, out=None, prompt_lengths=(8, 24), gen_lengths=(3, 5),
-        pads="inline", plots=str(plots),
+        pads="inline", plots=str(plots), enclave_share=None,
     )  # fmt: skip
     return run_speed_bench(args)
 
@@ -109,7 +109,7 @@ def test_scaled_models_are_timed_beside_plain_in_groups_or_skipped_with_the_reas
     monkeypatch.setattr(scaled_models, "ALL_AT_ONCE_PARAMETERS", config.num_parameters())
     monkeypatch.setattr(scaled_models, "MAX_PARAMETERS", wider.num_parameters())
     args = Namespace(scheme=["secureinfer", "hardened"], channel="inprocess", device="cpu", threads=None, pads="online",
-                     repeats=1, max_new_tokens=3)  # fmt: skip
+                     repeats=1, max_new_tokens=3, enclave_share=None)  # fmt: skip
     rows = scaled_models.measure({"tiny": config, "tiny, wider FFN": wider, "tiny, deeper": deeper}, tiny_checkpoint, args)
     together, in_pairs, skipped = rows
     assert (together["round_robin"], in_pairs["round_robin"]) == ("all at once", "each beside plain")

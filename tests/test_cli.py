@@ -73,6 +73,7 @@ BAD_INPUT_CASES: dict[str, tuple[list[str], str]] = {
     "max-new-tokens-zero": (["generate", "hi", "--model", "{tiny}", "--max-new-tokens", "0"], "--max-new-tokens"),
     "seed-negative": (["generate", "hi", "--model", "{tiny}", "--seed", "-3"], "--seed"),
     "threads-zero": (["generate", "hi", "--model", "{tiny}", "--threads", "0"], "--threads"),
+    "enclave-share-one": (["generate", "hi", "--model", "{tiny}", "--scheme", "secureinfer", "--enclave-share", "1"], "--enclave-share"),
     "unknown-scheme": (["generate", "hi", "--model", "{tiny}", "--scheme", "nope"], "scheme 'nope'"),
     "chat-bad-option": (["chat", "--model", "{tiny}", "--top-k", "-1"], "--top-k"),
     "missing-adapter": (["generate", "hi", "--model", "{tiny}", "--adapter", "/nonexistent/adapter"], "/nonexistent/adapter"),

@@ -14,11 +14,12 @@ from secureinfer.attacks.tamper import MODES, run_tamper_attack, tamper_replies
 PROMPT = "the quick brown fox jumps over"
 
 
-def test_hardened_equals_plain_int8_with_a_thousand_checks_and_no_false_alarm(tiny_gguf):
+@pytest.mark.parametrize("enclave_share", [0.0, 0.5])
+def test_hardened_equals_plain_int8_with_a_thousand_checks_and_no_false_alarm(tiny_gguf, enclave_share):
     # The tiny model's context ends at 128 positions: a one-word prompt leaves room for ~125 forwards.
     with secureinfer.load(tiny_gguf, "plain-int8", progress=False) as reference:
         expected = reference.generate("the", max_new_tokens=200, ignore_eos=True).tokens
-    with secureinfer.load(tiny_gguf, "hardened", progress=False) as lm:
+    with secureinfer.load(tiny_gguf, "hardened", progress=False, enclave_share=enclave_share) as lm:
         lm.runtime.reset_stats()
         got = lm.generate("the", max_new_tokens=200, ignore_eos=True)
         stats = lm.stats()
@@ -26,8 +27,10 @@ def test_hardened_equals_plain_int8_with_a_thousand_checks_and_no_false_alarm(ti
     blinded_per_forward = len(lm.plan.device_segments)
     assert stats["integrity"]["repetitions"] == 2
     assert stats["integrity"]["checked"] == len(got.tokens) * blinded_per_forward >= 1000
-    # all but each step's last check ran while the device computed the next product
-    assert 0 < stats["channel"]["overlapped_s"] <= stats["integrity"]["seconds"]
+    # all but each step's last check ran while the device computed the next product, as did the enclave's columns
+    overlapped = stats["integrity"]["seconds"] + stats["time"]["enclave_own_columns_s"]
+    assert 0 < stats["channel"]["overlapped_s"] <= overlapped
+    assert (stats["time"]["enclave_own_columns_s"] > 0) == (enclave_share > 0)
     assert stats["perturbation"] > 0  # on by default under hardened
 
 

@@ -46,6 +46,7 @@ class SecureLM:
         pad_batch_rows: int = 32,
         pad_background: bool = True,
         seal_kv: bool | None = None,
+        enclave_share: float | None = None,
     ):
         _check_choice("channel", channel, CHANNELS)
         _check_choice("device", device, DEVICES)
@@ -65,6 +66,8 @@ class SecureLM:
             self.plan = self.plan.with_adapters(
                 {name.removesuffix(".lora_a"): a.shape[0] for name, a in self.adapter.tensors.items() if name.endswith(".lora_a")}
             )
+        share = self._default_enclave_share(channel, device) if enclave_share is None else enclave_share
+        self.plan = self.plan.with_enclave_share(share)
         threads = threads or self._split_threads(channel)
         self.threads = threads  # the enclave's (and device's) torch threads; None: torch's default
         open_device = functools.partial(
@@ -87,6 +90,13 @@ class SecureLM:
         self.generator = Generator(
             self.runtime, self.tokenizer, checkpoint.config.max_position_embeddings, self.perturbation
         )
+
+    def _default_enclave_share(self, channel: str, device: str) -> float:
+        """The enclave's share of each blinded product's columns when the caller names none. A CPU device in its own
+        process runs the same int8 kernel as the enclave, on as many cores (`_split_threads`), while the enclave
+        would otherwise wait: half each. A GPU outruns the enclave, and an in-process device runs in turn with it:
+        every column to the device."""
+        return 0.5 if channel == "process" and device == "cpu" and self.plan.blinded_weights else 0.0
 
     def _split_threads(self, channel: str) -> int | None:
         """Plans that cross the boundary many times a token keep both processes busy in turn: give each
@@ -162,8 +172,10 @@ def load(
     record_view (a directory for the device view), epc_bytes, device_timeout_s, harden,
     adapter (a PEFT LoRA directory, or "demo" for the bundled one), perturbation (logit noise std,
     0 off), and verify_repetitions (Freivalds checks per blinded product, 0 off); these two default
-    to the scheme's settings (`hardened` turns them on). pad_batch_rows (pads per GEMM batch) and
-    pad_background (refill the pad pool in a background thread, default on).
+    to the scheme's settings (`hardened` turns them on). pad_batch_rows (pads per GEMM batch),
+    pad_background (refill the pad pool in a background thread, default on), and enclave_share (the share
+    of each blinded product's output columns the enclave multiplies itself while the device multiplies the
+    rest; default 0.5 with a CPU device in its own process, else 0).
     """
     _check_choice("scheme", scheme, tuple(PRESETS))
     if threads is not None:

@@ -50,6 +50,7 @@ temperature = _bounded(float, "a number >= 0 (0 is greedy)", lambda v: 0 <= v < 
 probability = _bounded(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 non_negative_float = _bounded(float, "a number >= 0", lambda v: 0 <= v < float("inf"))
 positive_seconds = _bounded(float, "a number of seconds > 0", lambda v: 0 < v < float("inf"))
+share = _bounded(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GIB": 1 << 30}
 
@@ -82,6 +83,11 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--device", default="cpu", help="where the untrusted device computes: cpu (default) or cuda")
     p.add_argument("--channel", default="process", help="process (default: a separate device process) or inprocess")
+    p.add_argument(
+        "--enclave-share", type=share,
+        help="share of each blinded product's columns the enclave multiplies itself while the device does the rest "
+        "(default: 0.5 with a CPU device in its own process, else 0)",
+    )  # fmt: skip
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -263,6 +269,7 @@ def _load(args):
         perturbation=args.perturbation,
         verify_repetitions=args.verify_repetitions,
         seal_kv=args.seal_kv,
+        enclave_share=args.enclave_share,
     )
 
 

@@ -72,24 +72,27 @@ def attention_weights(weights: Mapping[str, Tensor], config: ModelConfig) -> dic
         for projection in PROJECTIONS:
             if (name := f"{prefix}{projection}.weight") in weights:
                 out[name] = weights[name].float()
-        if (wqkv := _fused_weight(weights, f"layers.{layer}.wqkv")) is not None:
+        if (wqkv := _fused_weight(weights, f"layers.{layer}.wqkv", config.q_size + 2 * config.kv_size)) is not None:
             parts = wqkv.split([config.q_size, config.kv_size, config.kv_size])
             for projection, part in zip(("q_proj", "k_proj", "v_proj"), parts):
                 out.setdefault(f"{prefix}{projection}.weight", part)
-        if (wo := _fused_weight(weights, f"layers.{layer}.wo")) is not None:
+        if (wo := _fused_weight(weights, f"layers.{layer}.wo", config.hidden_size)) is not None:
             out.setdefault(f"{prefix}o_proj.weight", wo)
     return out
 
 
-def _fused_weight(weights: Mapping[str, Tensor], name: str) -> Tensor | None:
+def _fused_weight(weights: Mapping[str, Tensor], name: str, rows: int) -> Tensor | None:
+    """The fused weight as float32 [rows, in]; None if absent, or if only some of its output rows are held (a
+    device given a column share of a blinded product: such weights are public and carry no key anyway)."""
     if name in weights:
-        return weights[name].float()
-    if f"{name}.q" not in weights:
+        weight = weights[name].float()
+    elif f"{name}.q" in weights:
+        weight = weights[f"{name}.q"].float().t()
+        if f"{name}.scale" in weights:
+            weight = weight * weights[f"{name}.scale"].float()[:, None]
+    else:
         return None
-    weight = weights[f"{name}.q"].float().t()
-    if f"{name}.scale" in weights:
-        weight = weight * weights[f"{name}.scale"].float()[:, None]
-    return weight
+    return weight if weight.shape[0] == rows else None
 
 
 def recover_permutations(
@@ -234,7 +237,11 @@ def invert_after_key_recovery(view: DeviceView, public: Llama) -> ConversationRe
     attack = "kv_inversion_after_key_recovery"
     if reason := view.kv_unusable(0):
         return ConversationRecovery.nothing(attack, AFTER_KEY_METHOD, reason, view.holds_clear_token_ids())
-    recovered = recover_permutations(held_attention_weights(view), flat_weights(public.weights), public.config, pair_units=True)
+    held = held_attention_weights(view)
+    if not attention_weights(held, public.config):  # column shares of unkeyed, blinded weights: no key to undo
+        method = f"{KV_METHOD}, with no key undone: the device holds no whole q/k/v/o projection to recover one from"
+        return invert_kv_cache(view, public, attack=attack, method=method)
+    recovered = recover_permutations(held, flat_weights(public.weights), public.config, pair_units=True)
     keys, values = view.kv_cache()
     cache = (unpermute_kv_cache(keys, recovered.permutations), unpermute_kv_cache(values, recovered.permutations))
     return invert_kv_cache(view, public, cache, attack, AFTER_KEY_METHOD)

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..crypto.quant import activation_qmax
 from ..model.config import ModelConfig
 from ..plan import PRESETS, build_plan
-from ..plan.costs import plan_costs, weight_shape
+from ..plan.costs import outsourced, plan_costs, weight_shape
 from ..plan.ops import op_flops, weight_names
 from ..plan.plan import DEVICE, ENCLAVE, LAST_POSITION_OPS, Plan
 from . import source_commit
@@ -37,9 +37,9 @@ PAD_CLASS = "pad precompute (offline)"
 
 def pad_flops(plan: Plan, tokens: int = 1) -> int:
     """Offline FLOPs of the one-time pads a forward of `tokens` positions consumes: u = r W per row, i.e. the
-    blinded product itself again (2 per multiply-add), done ahead of time in the enclave."""
+    blinded product itself again (2 per multiply-add) on the device's columns, done ahead of time in the enclave."""
     return sum(
-        op_flops(p.op, plan.config, 0) * (1 if p.op in LAST_POSITION_OPS else tokens)
+        outsourced(plan, p.op, p.layer, op_flops(p.op, plan.config, 0) * (1 if p.op in LAST_POSITION_OPS else tokens))
         for p in plan.placements
         if p.transform == "blinded"
     )

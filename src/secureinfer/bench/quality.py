@@ -229,6 +229,7 @@ def run_quality(args) -> dict:
         channel=args.channel,
         device=args.device,
         threads=args.threads,
+        enclave_share=args.enclave_share,
     )
     report["adapter"] = args.adapter
     if args.out:

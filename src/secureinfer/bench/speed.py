@@ -61,6 +61,7 @@ class Runner:
     name: str
     run: Callable[[Case], tuple[float, float]]  # -> (ttft_s, decode_tok_s)
     threads: int = 1  # torch threads in this process while it runs
+    enclave_share: float | None = None  # a blinded scheme's share of each product done in the enclave
     ttft_s: dict = field(default_factory=dict)  # per case key
     decode_tok_s: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # per case key: the last run's measured detail
@@ -150,6 +151,7 @@ def scheme_runner(lm: SecureLM, pads: str = "online") -> Runner:
     "inline" leaves them to the background thread and to stalls during the request (end to end)."""
     runner = generator_runner(lm.scheme, lm.generator)
     runner.threads = lm.threads or runner.threads
+    runner.enclave_share = lm.plan.enclave_share if lm.plan.blinded_weights else None
     timed = runner.run
 
     def run(case: Case) -> tuple[float, float]:
@@ -255,6 +257,7 @@ def run_speed_bench(args) -> dict:
         **second.identity(),
         "source_commit": source_commit(),
         "threads": {runner.name: runner.threads for runner in runners},
+        "enclave_share": {runner.name: runner.enclave_share for runner in runners if runner.enclave_share is not None},
         "channel": args.channel,
         "device": args.device,
         "pads": args.pads,
@@ -294,7 +297,12 @@ def time_round_robin(checkpoint: Checkpoint, schemes, cases: list[Case], args, r
     lms = []
     try:
         for scheme in schemes:
-            lms.append(SecureLM(checkpoint, scheme, channel=args.channel, device=args.device, threads=args.threads))
+            lms.append(
+                SecureLM(
+                    checkpoint, scheme, channel=args.channel, device=args.device, threads=args.threads,
+                    enclave_share=args.enclave_share,
+                )
+            )  # fmt: skip
             torch.set_num_threads(base_threads)  # a scheme may split the cores for itself; the runners set their own
             runners.append(scheme_runner(lms[-1], args.pads))
         warm_up = Case(cases[0].prompt, cases[0].ids, 4)
@@ -351,7 +359,8 @@ def _ratios(results: dict) -> dict:
 def to_markdown(report: dict) -> str:
     lines = [
         f"{report['model']}: {report['channel']} channel, device {report['device']}, pads {report['pads']}, "
-        f"threads per process {report['threads']}; median (min-max) of {report['repeats']} runs, round-robin; "
+        f"threads per process {report['threads']}; enclave share of blinded products {report.get('enclave_share', {})}; "
+        f"median (min-max) of {report['repeats']} runs, round-robin; "
         f"code {report.get('source_commit') or 'unknown'}",
         "",
         *case_markdown(report),

@@ -52,6 +52,10 @@ class SecretMemory:
         return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
 
     def copy(self, tensor: Tensor) -> Tensor:
+        """A copy in secret memory. A transposed matrix stays transposed: that layout is what `field.product_weight`
+        chose for the product to read fastest."""
+        if tensor.dim() == 2 and not tensor.is_contiguous() and tensor.t().is_contiguous():
+            return self.copy(tensor.t()).t()
         return self.empty(tuple(tensor.shape), tensor.dtype).copy_(tensor)
 
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:

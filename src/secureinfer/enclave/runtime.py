@@ -18,11 +18,11 @@ from torch import Tensor
 from ..channel import Channel, DeviceError
 from ..errors import InvalidRequestError
 from ..model.config import ModelConfig
-from ..crypto.field import P, centred_difference
+from ..crypto.field import P, centred_difference, product_weight
 from ..crypto.head_permutation import HeadPermutation
 from ..crypto.kv_mixing import KVMixing
 from ..crypto.pads import PadPool
-from ..crypto.quant import QuantizedWeight, dequantize_product, quantize_activation, quantize_weight
+from ..crypto.quant import QuantizedWeight, dequantize_product, integer_product, quantize_activation, quantize_weight
 from ..crypto.seal import SealStats
 from ..model.kernels import StepContext, flat_weights, run_ops, store_projection, with_adapter
 from ..model.llama import KVCache, LlamaWeights, rope_tables
@@ -74,15 +74,32 @@ class EnclaveRuntime:
         self.process_hardening = make_undumpable() if harden else {"dumpable": True, "reason": "hardening off"}
         self.secret = SecretMemory(enabled=harden)
         stored = StoredWeights(flat_weights(weights) | (adapter or {}))
+        # Each blinded int8 weight is cut by output columns: the device multiplies the first `device_columns` (and
+        # the enclave pads and checks those), the enclave the rest, in the clear, while the device works.
+        device_columns = {
+            f"{name}.q": plan.device_columns(stored[f"{name}.q"].shape[1]) for name in plan.blinded_weights
+        }
         enclave_names = plan.stored_weights(ENCLAVE)
         enclave_aliases = self._tied_aliases(enclave_names)
         self.weights = {
-            name: self.memory.hold(f"weight:{name}", self.secret.copy(stored[name]))
+            name: self.memory.hold(f"weight:{name}", self.secret.copy(stored[name][:, : device_columns[name]]))
+            if name in device_columns
+            else self.memory.hold(f"weight:{name}", self.secret.copy(stored[name]))
             for name in enclave_names
             if name not in enclave_aliases
         }
         self.weights.update({alias: self.weights[target] for alias, target in enclave_aliases.items()})
-        self._device_weights = {name: stored[name] for name in plan.stored_weights(DEVICE)}
+        self._own_weights = {  # laid out for the enclave's few-row products, as the device lays out its own
+            name.removesuffix(".q"): self.memory.hold(
+                f"weight:{name}.own", self.secret.copy(product_weight(stored[name][:, columns:]))
+            )
+            for name, columns in device_columns.items()
+            if columns < stored[name].shape[1]
+        }
+        self._device_weights = {
+            name: stored[name][:, : device_columns[name]].contiguous() if name in device_columns else stored[name]
+            for name in plan.stored_weights(DEVICE)
+        }
         self.head_key: HeadPermutation | None = None
         self.kv_mixing: KVMixing | None = None
         if plan.head_key == "mixed":
@@ -92,13 +109,13 @@ class EnclaveRuntime:
             self.head_key = HeadPermutation.draw(config, allocate=self.secret.empty)
             self.memory.hold("head_key", self.head_key.permutations)
             self._device_weights = self.head_key.fold_into(self._device_weights, fold_output=plan.head_key == "fold")
-        blinded = [weight_names(p.op, p.layer)[0] for p in plan.placements if p.transform == "blinded"]
+        blinded = plan.blinded_weights
         self.pads = PadPool(
             {name: self.weights[f"{name}.q"] for name in blinded}, pad_batch_rows, background=pad_background
         )
         self.checks = self._integrity_checks(blinded, verify_repetitions)
         self._unchecked: list[tuple[str, Tensor, Tensor]] = []  # (weight, padded input, device product)
-        # The rescale's view of each blinded weight's int8 copy and scales (its float64 scale is kept once made).
+        # The rescale's view of each blinded weight's scales (its float64 scale is kept once made).
         self._quantized = {
             name: QuantizedWeight(self.weights[f"{name}.q"], self.weights[f"{name}.scale"]) for name in blinded
         }
@@ -111,6 +128,7 @@ class EnclaveRuntime:
         self.channel: Channel | None = None
         self.step = 0
         self.enclave_compute_s = 0.0
+        self.own_columns_s = 0.0  # the part of enclave_compute_s spent on its own columns, while the device works
         self.start_device()
 
     def _integrity_checks(self, blinded: list[str], repetitions: int) -> dict:
@@ -257,9 +275,19 @@ class EnclaveRuntime:
         padded = (rows + r) % P  # rows lie in [-QMAX, QMAX]: one reduction lands the sum in [0, P)
         # Pads generated inside `take` are offline work, reported apart in the pad stats.
         self.enclave_compute_s += time.perf_counter() - began - (self.pads.stats.stall_s - stalled_before)
+        own_weight, own = self._own_weights.get(name), []
+
+        def while_device_multiplies() -> None:
+            if own_weight is not None:  # first: the unpad below waits for it, the checks do not
+                began = time.perf_counter()
+                own.append(integer_product(rows, own_weight))
+                self.own_columns_s += time.perf_counter() - began
+                self.enclave_compute_s += time.perf_counter() - began
+            self._check_products()
+
         _, returned = self.channel.request(
             "run", self._run_meta(ctx, segment.ops, ["y"], blinded=True), {"v": padded},
-            while_waiting=self._check_products if self._unchecked else None,
+            while_waiting=while_device_multiplies if own_weight is not None or self._unchecked else None,
         )  # fmt: skip
         began = time.perf_counter()
         y = returned["y"]
@@ -267,7 +295,10 @@ class EnclaveRuntime:
             self._unchecked.append((name, padded, y))
             if y.dtype != torch.int64 or y.shape != u.shape:  # cannot even be unpadded: fail it now
                 self._check_products()
-        product = centred_difference(y, u).view(*x.shape[:-1], -1)
+        product = centred_difference(y, u)
+        if own:  # the enclave's columns follow the device's (see __init__)
+            product = torch.cat((product.to(torch.float64), own[0]), dim=-1)
+        product = product.view(*x.shape[:-1], -1)
         product = dequantize_product(product, row_scale, self._quantized[name])
         store_projection(op, values, with_adapter(product, x, self.weights, name), ctx)
         self.enclave_compute_s += time.perf_counter() - began
@@ -298,6 +329,7 @@ class EnclaveRuntime:
             "channel": counters,
             "time": {
                 "enclave_compute_s": self.enclave_compute_s,
+                "enclave_own_columns_s": self.own_columns_s,
                 "device_compute_s": counters.get("device_compute_s", 0.0),
                 "transfer_s": counters.get("transfer_s", 0.0),
             },
@@ -320,7 +352,7 @@ class EnclaveRuntime:
         return {"enabled": self.seal_kv, "resident_positions": cache.capacity if cache else None} | vars(totals)
 
     def reset_stats(self) -> None:
-        self.enclave_compute_s = 0.0
+        self.enclave_compute_s = self.own_columns_s = 0.0
         self.pads.stats = type(self.pads.stats)()
         self.integrity.update(checked=0, macs=0, seconds=0.0)
         self.sealed_totals = SealStats()

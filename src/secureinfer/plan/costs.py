@@ -55,9 +55,23 @@ def weight_shape(name: str, config: ModelConfig) -> tuple[int, int]:
     }[name.rsplit(".", 1)[-1]]
 
 
-def stored_bytes(stored: str, plan: Plan) -> int:
-    """Bytes of a stored weight tensor: `name` float32, `name.q` int8, `name.scale` float32 per output,
-    a LoRA adapter's `name.lora_a` [rank, in] and `name.lora_b` [out, rank] float32."""
+def blinded_columns(plan: Plan, op: str, layer: int | None) -> tuple[int, int]:
+    """(the device's columns, all columns) of a blinded projection's output, under the plan's enclave share."""
+    (name,) = weight_names(op, layer)
+    columns = weight_shape(name, plan.config)[0]
+    return plan.device_columns(columns), columns
+
+
+def outsourced(plan: Plan, op: str, layer: int | None, amount: int) -> int:
+    """The device's part of `amount` (FLOPs, bytes) of a blinded product, which scales with its output columns."""
+    device, columns = blinded_columns(plan, op, layer)
+    return amount * device // columns
+
+
+def stored_bytes(stored: str, plan: Plan, side: str = ENCLAVE) -> int:
+    """Bytes of a stored weight tensor on `side`: `name` float32, `name.q` int8, `name.scale` float32 per
+    output, a LoRA adapter's `name.lora_a` [rank, in] and `name.lora_b` [out, rank] float32. A blinded
+    projection's `name.q` on the device has only the device's columns."""
     config = plan.config
     base, _, suffix = stored.rpartition(".")
     if suffix in ("lora_a", "lora_b"):
@@ -65,6 +79,8 @@ def stored_bytes(stored: str, plan: Plan) -> int:
         return plan.adapters[base] * (cols if suffix == "lora_a" else rows) * FLOAT_BYTES
     if suffix == "q":
         rows, cols = weight_shape(base, config)
+        if side == DEVICE and base in plan.blinded_weights:
+            rows = plan.device_columns(rows)
         return rows * cols
     if suffix == "scale":
         return weight_shape(base, config)[0] * FLOAT_BYTES
@@ -76,7 +92,7 @@ def resident_weight_bytes(plan: Plan, side: str) -> int:
     names = plan.stored_weights(side)
     if plan.config.tie_word_embeddings and "embed" in names and "lm_head" in names:
         names.remove("lm_head")  # one tensor serves both
-    return sum(stored_bytes(n, plan) for n in names)
+    return sum(stored_bytes(n, plan, side) for n in names)
 
 
 def kv_bytes(config: ModelConfig, layers: int, positions: int) -> int:
@@ -87,6 +103,15 @@ def transfer_bytes(values: list[str], segment: Segment, config: ModelConfig, tok
     # Blinded values cross as int64 field elements: 8 bytes each, whatever they stand for.
     itemsize = (lambda v: 8) if segment.transform == "blinded" else value_itemsize
     return sum(value_width(v, config) * itemsize(v) * (1 if v in segment.last_position else tokens) for v in values)
+
+
+def returned_bytes(plan: Plan, segment: Segment, tokens: int) -> int:
+    """What the device sends back after `segment`: for a blinded product, only its columns of the output."""
+    total = transfer_bytes(segment.returns, segment, plan.config, tokens)
+    if segment.transform != "blinded":
+        return total
+    ((op, layer),) = segment.ops
+    return outsourced(plan, op, layer, total)
 
 
 def adapter_flops(plan: Plan, p) -> int:
@@ -103,9 +128,11 @@ def plan_costs(plan: Plan, context: int, tokens: int = 1) -> PlanCosts:
     config = plan.config
     flops = {ENCLAVE: 0, DEVICE: 0}
     for p in plan.placements:
-        per_token = op_flops(p.op, config, context)
         positions = 1 if p.op in LAST_POSITION_OPS else tokens
-        flops[p.side] += per_token * positions
+        work = op_flops(p.op, config, context) * positions
+        on_side = outsourced(plan, p.op, p.layer, work) if p.transform == "blinded" else work
+        flops[p.side] += on_side
+        flops[ENCLAVE] += work - on_side  # the enclave's own columns of a blinded product
         flops[plan.adapter_side(p)] += adapter_flops(plan, p) * positions
     device_segments = plan.device_segments
     return PlanCosts(
@@ -116,7 +143,7 @@ def plan_costs(plan: Plan, context: int, tokens: int = 1) -> PlanCosts:
         device_flops=flops[DEVICE],
         round_trips=len(device_segments),
         bytes_to_device=sum(transfer_bytes(s.sends, s, config, tokens) for s in device_segments),
-        bytes_from_device=sum(transfer_bytes(s.returns, s, config, tokens) for s in device_segments),
+        bytes_from_device=sum(returned_bytes(plan, s, tokens) for s in device_segments),
         enclave_weight_bytes=resident_weight_bytes(plan, ENCLAVE),
         enclave_kv_bytes=kv_bytes(config, len(plan.attention_layers_on(ENCLAVE)), context),
         device_weight_bytes=resident_weight_bytes(plan, DEVICE),

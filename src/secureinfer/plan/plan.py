@@ -67,6 +67,11 @@ class Plan:
     # (ours): the enclave mixes q/k/v by secret matrices before the device's attention, and unmixes its
     # output (crypto/kv_mixing.py). None: no key.
     head_key: str | None = None
+    # The share of each blinded product's output columns the enclave multiplies itself, in the clear, while the
+    # device multiplies the rest on the padded input (`device_columns`). The device's view only narrows: it holds
+    # fewer columns of a public weight and returns fewer padded outputs, and the enclave makes pads only for its
+    # columns. Worth it where the enclave would otherwise sit idle through the product, as with a CPU device.
+    enclave_share: float = 0.0
 
     def __post_init__(self):
         if [(p.op, p.layer) for p in self.placements] != op_sequence(self.config):
@@ -91,6 +96,12 @@ class Plan:
                 raise ValueError(f"blinded {segment.ops[0][0]} shares a device segment: the enclave must unpad between ops")
         if self.head_key is not None:
             self._validate_head_key()
+        share = self.enclave_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+            raise InvalidRequestError(
+                f"enclave_share={share!r} is invalid",
+                "use a number from 0 (the device multiplies every column) up to, but not including, 1",
+            )
         projected = {name for p in self.placements if p.op in PROJECTIONS for name in weight_names(p.op, p.layer)}
         if unknown := set(self.adapters) - projected:
             raise ValueError(f"adapters name weights that are not projections: {sorted(unknown)}")
@@ -111,6 +122,13 @@ class Plan:
 
     def with_adapters(self, ranks: Mapping[str, int]) -> "Plan":
         return dataclasses.replace(self, adapters=dict(ranks))
+
+    def with_enclave_share(self, share: float) -> "Plan":
+        return dataclasses.replace(self, enclave_share=share)
+
+    def device_columns(self, columns: int) -> int:
+        """How many of a blinded product's `columns` outputs the device computes: the first ones, at least one."""
+        return max(1, columns - int(columns * self.enclave_share))
 
     def adapter_side(self, p: Placement) -> str:
         return ENCLAVE if p.transform == "blinded" else p.side
@@ -139,6 +157,11 @@ class Plan:
                 suffixes = (".q", ".scale") if p.transform == "int8" else ("",)
             stored += [name + suffix for name in weight_names(p.op, p.layer) for suffix in suffixes]
         return list(dict.fromkeys(stored))
+
+    @cached_property
+    def blinded_weights(self) -> list[str]:
+        """The weights of the blinded projections, in execution order."""
+        return [weight_names(p.op, p.layer)[0] for p in self.placements if p.transform == "blinded"]
 
     def attention_layers_on(self, side: str) -> list[int]:
         return [p.layer for p in self.placements if p.op == "attention" and p.side == side]

@@ -51,7 +51,7 @@ from typing import Iterable, Mapping
 from ..enclave.memory import CYCLES_PER_PAGE, MIB, PAGE_BYTES
 from ..errors import InvalidRequestError, SecureInferError
 from ..model.config import ModelConfig
-from .costs import FLOAT_BYTES, PlanCosts, plan_costs, weight_shape
+from .costs import FLOAT_BYTES, PlanCosts, blinded_columns, outsourced, plan_costs, weight_shape
 from .ops import OPS, PROJECTIONS, op_flops, weight_names
 from .plan import DEVICE, ENCLAVE, Placement, Plan, op_sequence
 from .presets import PRESETS, build_plan
@@ -250,8 +250,8 @@ class TokenCosts:
     enclave_int8_flops: int  # the part of costs.enclave_flops done as int8 limb products
     device_int8_flops: int  # the part of costs.device_flops done as int8 limb products (int8 and blinded)
     blinded_products: int  # blinded projections per token: each costs the enclave a quantize/pad/unpad/rescale
-    pad_flops: int  # offline: the enclave's pads u = r W for those products (as many FLOPs as the products)
-    blinded_row_elements: int  # sum over blinded weights of (in + out): one row of (r, u) pads each
+    pad_flops: int  # offline: the enclave's pads u = r W for those products (as many FLOPs as their device part)
+    blinded_row_elements: int  # sum over blinded weights of (in + device columns): one row of (r, u) pads each
 
     @classmethod
     def of(cls, plan: Plan, context: int) -> "TokenCosts":
@@ -262,11 +262,16 @@ class TokenCosts:
             if p.transform not in ("int8", "blinded"):
                 continue
             flops = op_flops(p.op, plan.config, context)
-            int8[p.side] += flops
-            if p.transform == "blinded":
-                blinded += 1
-                pad_flops += flops
-                row_elements += sum(sum(weight_shape(n, plan.config)) for n in weight_names(p.op, p.layer))
+            if p.transform != "blinded":
+                int8[p.side] += flops
+                continue
+            on_device = outsourced(plan, p.op, p.layer, flops)
+            int8[DEVICE] += on_device
+            int8[ENCLAVE] += flops - on_device  # the enclave's own columns
+            blinded += 1
+            pad_flops += on_device
+            columns, _ = blinded_columns(plan, p.op, p.layer)
+            row_elements += weight_shape(weight_names(p.op, p.layer)[0], plan.config)[1] + columns
         return cls(plan_costs(plan, context), int8[ENCLAVE], int8[DEVICE], blinded, pad_flops, row_elements)
 
     def to_dict(self) -> dict:
