@@ -132,9 +132,12 @@ BLINDED_SCHEMES = ("secureinfer", "secureinfer-enclave-qkv-ffn", "hardened")
 
 
 # (channel, enclave_share, the share a blinded scheme then runs with): a process device gets half the columns
-# by default, an in-process one all; 0.3 leaves ragged column counts (the tiny model's 128-wide outputs: 90 + 38)
+# by default where the int8 route is the fastest (as here), an in-process one all; 0.3 leaves ragged column
+# counts (the tiny model's 128-wide outputs: 90 + 38)
 @pytest.mark.parametrize(("channel", "share", "expected_share"), [("process", None, 0.5), ("inprocess", None, 0.0), ("inprocess", 0.3, 0.3)])
 def test_every_blinded_scheme_equals_plain_int8_bit_for_bit(checkpoint, channel, share, expected_share):
+    if share is None and channel == "process" and fastest_backend() != "int8":
+        expected_share = 0.0  # a CPU without int8 dot products (or one too loaded to show them) keeps every column out
     batch, pad = padded_batch(checkpoint.tokenizer, PROMPTS)
     first = torch.tensor([checkpoint.tokenizer.encode(PROMPTS[0])])
     results = {}

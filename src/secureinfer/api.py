@@ -11,6 +11,7 @@ import torch
 from .channel import open_channel
 from .enclave import EnclaveRuntime
 from .engine import GenerationConfig, GenerationResult, Generator, TextStream
+from .crypto.field import fastest_backend
 from .engine.perturbation import LogitPerturbation
 from .errors import InvalidRequestError
 from .data import DEMO_ADAPTER
@@ -93,10 +94,12 @@ class SecureLM:
 
     def _default_enclave_share(self, channel: str, device: str) -> float:
         """The enclave's share of each blinded product's columns when the caller names none. A CPU device in its own
-        process runs the same int8 kernel as the enclave, on as many cores (`_split_threads`), while the enclave
-        would otherwise wait: half each. A GPU outruns the enclave, and an in-process device runs in turn with it:
-        every column to the device."""
-        return 0.5 if channel == "process" and device == "cpu" and self.plan.blinded_weights else 0.0
+        process, on a CPU whose fastest exact route is int8 (`field.fastest_backend`), runs the same kernel as the
+        enclave on as many cores (`_split_threads`) while the enclave would otherwise wait: half each. A GPU
+        outruns the enclave, an in-process device runs in turn with it, and on a CPU without int8 dot products the
+        enclave's int8 columns would be slower than the device's float copy: every column to the device."""
+        alongside = channel == "process" and device == "cpu" and fastest_backend() == "int8"
+        return 0.5 if alongside and self.plan.blinded_weights else 0.0
 
     def _split_threads(self, channel: str) -> int | None:
         """Plans that cross the boundary many times a token keep both processes busy in turn: give each

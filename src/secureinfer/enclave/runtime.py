@@ -79,27 +79,27 @@ class EnclaveRuntime:
         device_columns = {
             f"{name}.q": plan.device_columns(stored[f"{name}.q"].shape[1]) for name in plan.blinded_weights
         }
+
+        def device_part(name: str) -> Tensor:  # a view: the whole tensor, or a blinded weight's device columns
+            return stored[name][:, : device_columns[name]] if name in device_columns else stored[name]
+
         enclave_names = plan.stored_weights(ENCLAVE)
         enclave_aliases = self._tied_aliases(enclave_names)
         self.weights = {
-            name: self.memory.hold(f"weight:{name}", self.secret.copy(stored[name][:, : device_columns[name]]))
-            if name in device_columns
-            else self.memory.hold(f"weight:{name}", self.secret.copy(stored[name]))
+            name: self.memory.hold(f"weight:{name}", self.secret.copy(device_part(name)))
             for name in enclave_names
             if name not in enclave_aliases
         }
         self.weights.update({alias: self.weights[target] for alias, target in enclave_aliases.items()})
-        self._own_weights = {  # laid out for the enclave's few-row products, as the device lays out its own
+        # The enclave's columns stay int8 (enclave memory is what is scarce), laid out as the int8 route reads them.
+        self._own_weights = {
             name.removesuffix(".q"): self.memory.hold(
-                f"weight:{name}.own", self.secret.copy(product_weight(stored[name][:, columns:]))
+                f"weight:{name}.own", self.secret.copy(product_weight(stored[name][:, columns:], "int8"))
             )
             for name, columns in device_columns.items()
             if columns < stored[name].shape[1]
         }
-        self._device_weights = {
-            name: stored[name][:, : device_columns[name]].contiguous() if name in device_columns else stored[name]
-            for name in plan.stored_weights(DEVICE)
-        }
+        self._device_weights = {name: device_part(name).contiguous() for name in plan.stored_weights(DEVICE)}
         self.head_key: HeadPermutation | None = None
         self.kv_mixing: KVMixing | None = None
         if plan.head_key == "mixed":
