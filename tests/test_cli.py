@@ -237,11 +237,19 @@ def test_plan_prints_the_placement_and_costs_of_each_baseline(model_files):
     results = run_cli_concurrently(
         {
             scheme: ["plan", "--scheme", scheme, "--model", str(model_files["tiny"]), "--context", "16", "--json", "--quiet"]
-            for scheme in ("plain", "enclave")
+            for scheme in ("plain", "enclave", "secureinfer")
         }
         | {"table": ["plan", "--scheme", "plain", "--model", str(model_files["tiny"]), "--quiet"]}
+        | {"shared": ["plan", "--scheme", "secureinfer", "--enclave-share", "0.5", "--model", str(model_files["tiny"]),
+                      "--context", "16", "--json", "--quiet"]}  # fmt: skip
     )
     plain, enclave = (json.loads(results[s].stdout) for s in ("plain", "enclave"))
+    secure, shared = (json.loads(results[s].stdout) for s in ("secureinfer", "shared"))
+    assert (secure["enclave_share"], shared["enclave_share"]) == (0.0, 0.5)
+    # half of every blinded product's columns: half the device's FLOPs and returned bytes move into the enclave
+    assert shared["costs"]["device_flops"] * 2 == secure["costs"]["device_flops"]
+    assert shared["costs"]["bytes_from_device"] * 2 == secure["costs"]["bytes_from_device"]
+    assert shared["costs"]["bytes_to_device"] == secure["costs"]["bytes_to_device"]
     assert {row["placement"] for row in plain["placements"] if row["op"] != "sample"} == {"device"}
     assert {row["placement"] for row in enclave["placements"]} == {"enclave"}
     assert (plain["costs"]["round_trips"], enclave["costs"]["round_trips"]) == (1, 0)

@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", help="planner: also write the JSON result to this file")
     plan.add_argument("--model", help="model whose shapes to cost (default: bundled SmolLM2)")
     plan.add_argument("--context", type=positive_int, default=256, help="cached positions for the decode costs")
+    plan.add_argument(
+        "--enclave-share", type=share, default=0.0,
+        help="share of each blinded product's columns the enclave multiplies itself (default 0: the scheme as "
+        "published; a CPU device in its own process runs with 0.5 unless told otherwise)",
+    )  # fmt: skip
     plan.add_argument("--json", action="store_true")
     plan.add_argument("--quiet", action="store_true", help="no progress bars")
     plan.set_defaults(run=_plan)
@@ -379,12 +384,15 @@ def _plan(args) -> None:
     if args.scheme not in PRESETS:
         raise SecureInferError(f"unknown scheme {args.scheme!r}", f"use one of: {', '.join(PRESETS)}")
     config = load_checkpoint(args.model, progress=not args.quiet).config
-    plan = build_plan(args.scheme, config)
+    plan = build_plan(args.scheme, config).with_enclave_share(args.enclave_share)
     costs = plan_costs(plan, context=args.context)
     if args.json:
-        print(json.dumps({"scheme": plan.name, "placements": plan.describe(), "costs": costs.to_dict()}))
+        described = {"scheme": plan.name, "enclave_share": plan.enclave_share, "placements": plan.describe()}
+        print(json.dumps(described | {"costs": costs.to_dict()}))
         return
     print(f"scheme {plan.name}: {PRESETS[plan.name].summary}\n")
+    if plan.blinded_weights:
+        print(f"the enclave multiplies {plan.enclave_share:.0%} of each blinded product's columns itself\n")
     print(f"{'op':<14} {'placement':<40} transform")
     for row in plan.describe():
         print(f"{row['op']:<14} {row['placement']:<40} {row['transform']}")
