@@ -15,6 +15,7 @@ from secureinfer.attacks.view import DeviceView
 from secureinfer.crypto.field import BACKENDS, CHUNK, HORNER_FROM, product_weight, signed_matmul
 from secureinfer.crypto.quant import ACTIVATION_QMAX
 from secureinfer.errors import InvalidRequestError
+from secureinfer.model import load_checkpoint
 from secureinfer.plan import build_plan
 from secureinfer.plan.costs import plan_costs
 
@@ -86,3 +87,15 @@ def test_schemes_without_blinded_products_keep_every_column_on_the_device(tiny_g
         assert lm.plan.enclave_share == 0.0 and not lm.plan.blinded_weights
     plan = build_plan("secureinfer", lm.config).with_enclave_share(0.99)
     assert all(plan.device_columns(columns) >= 1 for columns in (1, 2, 3, 128))  # never no device column
+
+
+def test_the_bench_breakdown_puts_the_enclave_share_on_the_enclave(tiny_gguf):
+    from secureinfer.bench.analytic import PAD_CLASS, breakdown, pad_flops
+
+    config = load_checkpoint(tiny_gguf, progress=False).config
+    for share in (0.0, 0.5):
+        plan = build_plan("secureinfer", config).with_enclave_share(share)
+        by_class, costs = breakdown(plan, context=16), plan_costs(plan, context=16)
+        assert sum(v for k, v in by_class["enclave"].items() if k != PAD_CLASS) == costs.enclave_flops
+        assert sum(by_class["device"].values()) == costs.device_flops
+        assert by_class["enclave"][PAD_CLASS] == pad_flops(plan) == costs.device_flops  # a pad per device column

@@ -85,15 +85,20 @@ def breakdown(plan: Plan, context: int) -> dict[str, dict[str, int]]:
     """Decode-step FLOPs per side and op class; the enclave's offline pad work is a class of its own."""
     out = {side: dict.fromkeys(dict.fromkeys(OP_CLASSES.values()), 0) for side in (ENCLAVE, DEVICE)}
     for p in plan.placements:
-        out[p.side][OP_CLASSES[p.op]] += op_flops(p.op, plan.config, context)
+        work = op_flops(p.op, plan.config, context)
+        on_side = outsourced(plan, p.op, p.layer, work) if p.transform == "blinded" else work
+        out[p.side][OP_CLASSES[p.op]] += on_side
+        out[ENCLAVE][OP_CLASSES[p.op]] += work - on_side  # the enclave's own columns of a blinded product
     out[ENCLAVE][PAD_CLASS] = pad_flops(plan)
     return out
 
 
-def model_analytic(config: ModelConfig, schemes, breakdown_context: int) -> dict:
-    """Cost curves over context (clipped to the model's window) and the op-class breakdown at one context."""
+def model_analytic(config: ModelConfig, schemes, breakdown_context: int, enclave_shares: dict | None = None) -> dict:
+    """Cost curves over context (clipped to the model's window) and the op-class breakdown at one context, each
+    scheme at its enclave share (`enclave_shares`; 0 where not given)."""
     contexts = [c for c in CONTEXTS if c <= config.max_position_embeddings]
-    plans = {scheme: build_plan(scheme, config) for scheme in schemes}
+    shares = enclave_shares or {}
+    plans = {scheme: build_plan(scheme, config).with_enclave_share(shares.get(scheme, 0.0)) for scheme in schemes}
     return {
         "curve": {scheme: [decode_costs(plan, c) for c in contexts] for scheme, plan in plans.items()},
         "breakdown_context": breakdown_context,

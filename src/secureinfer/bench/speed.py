@@ -253,11 +253,12 @@ def run_speed_bench(args) -> dict:
     load_target = target(
         "load", "time of a second load of the model", second.details["load_s"], "<", SECOND_LOAD_LIMIT_S, unit=" s"
     )
+    shares = {runner.name: runner.enclave_share for runner in runners if runner.enclave_share is not None}
     report = {
         **second.identity(),
         "source_commit": source_commit(),
         "threads": {runner.name: runner.threads for runner in runners},
-        "enclave_share": {runner.name: runner.enclave_share for runner in runners if runner.enclave_share is not None},
+        "enclave_share": shares,
         "channel": args.channel,
         "device": args.device,
         "pads": args.pads,
@@ -270,7 +271,7 @@ def run_speed_bench(args) -> dict:
         },
         **headline,  # the first case, as the bench reported before sweeps existed
         "targets": headline["targets"] + [load_target],
-        "analytic": model_analytic(config, schemes, headline["prompt_tokens"] + headline["new_tokens"] // 2),
+        "analytic": model_analytic(config, schemes, headline["prompt_tokens"] + headline["new_tokens"] // 2, shares),
     }
     if len(reports) > 1:
         report["sweep"] = reports
