@@ -117,9 +117,12 @@ def test_scaled_models_are_timed_beside_plain_in_groups_or_skipped_with_the_reas
         assert set(row["decode_tok_s"]) == {"plain", "secureinfer", "hardened"}  # plain joins: every ratio is to it
         assert row["latency_vs_plain"]["plain"] == 1.0 and row["latency_vs_plain"]["hardened"] > 0
         assert row["measured_per_token"]["secureinfer"]["round_trips"] == 4 * model.num_layers + 1
+        # the shares each scheme ran at: an in-process device takes every column; plain blinds nothing
+        assert row["enclave_share"] == {"plain": None, "secureinfer": 0.0, "hardened": 0.0}
     assert skipped["skipped"] == f"{deeper.num_parameters() / 1e6:,.0f} M parameters: past this bench's {wider.num_parameters() / 1e6:,.0f} M"
     text = scaled_models.markdown(rows)
     assert "not run: " in text and "| each beside plain |" in text and "| all at once |" in text
+    assert "Enclave share of blinded products: {'secureinfer': 0.0, 'hardened': 0.0}" in text
     other = scaled_models.random_checkpoint(config, tiny_checkpoint, seed=1)
     assert other.tokenizer is tiny_checkpoint.tokenizer and set(other.weights) >= {"model.embed_tokens.weight"}
     assert not torch.equal(other.weights["model.embed_tokens.weight"], tiny_checkpoint.weights["model.embed_tokens.weight"])

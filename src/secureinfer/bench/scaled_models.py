@@ -95,11 +95,19 @@ def _time_group(checkpoint: Checkpoint, group: tuple[str, ...], cases, args) -> 
         r.name: {
             "decode_tok_s": decode[r.name],
             "latency_vs_plain": plain / decode[r.name]["median"],
+            "enclave_share": r.enclave_share,  # None: the scheme blinds nothing
             "measured_per_token": r.extra[key]["measured_per_token"],
             "offline_pad_ms_per_token": r.extra[key]["offline_pad_ms_per_token"],
         }
         for r in runners
     }
+
+
+def _shares(measured: list[dict]) -> dict[str, float]:
+    """Each blinded scheme's enclave share, as the first measured model ran it (every model runs the same defaults)."""
+    if not measured:
+        return {}
+    return {scheme: share for scheme, share in measured[0]["enclave_share"].items() if share is not None}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -109,6 +117,7 @@ def markdown(rows: list[dict]) -> str:
         "Scaling, measured (random weights, the bundled tokenizer's vocabulary; decode tokens/s, median; latency vs "
         "the `plain` it ran beside; round-robin within each model, all at once or each scheme beside `plain`)",
         "",
+        *([f"Enclave share of blinded products: {shares}", ""] if (shares := _shares(measured)) else []),
         "| config | parameters | " + " | ".join(schemes) + " | enclave / device / transfer ms per token (secureinfer) "
         "| round-robin |",
         "|---|---|" + "---|" * (len(schemes) + 2),
