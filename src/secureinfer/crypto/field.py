@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -124,15 +125,7 @@ def signed_matmul(values: Tensor, weight_t: Tensor, backend: str | None = None) 
     for the two low ones and v >> 2*bits, signed, for the top one (|top| <= 4 for int8, 16 for float32), so every
     bound of the module docstring holds, and the float64 recombination, below 2^16 * 2048 * 127 < 2^53, is exact.
     """
-    inner = values.shape[-1]
-    if inner > MAX_INNER_DIM:
-        raise ValueError(f"inner dimension {inner} exceeds {MAX_INNER_DIM}, where exactness is proven")
-    rows = values.reshape(-1, inner)
-    backend = backend or fastest_backend()
-    total = _signed_product(rows[:, :CHUNK], weight_t[:CHUNK], backend)
-    for start in range(CHUNK, inner, CHUNK):
-        total += _signed_product(rows[:, start : start + CHUNK], weight_t[start : start + CHUNK], backend)
-    return total.view(*values.shape[:-1], -1)
+    return _sliced(_signed_product, values, weight_t, backend).view(*values.shape[:-1], -1)
 
 
 def _signed_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
@@ -182,18 +175,22 @@ def field_matmul(values: Tensor, weight_t: Tensor, backend: str | None = None) -
 
     `backend`: "int8", "float32" or "float64" (see the module docstring); by default the fastest on this CPU.
     """
+    return _sliced(_exact_product, values, weight_t, backend).remainder_(P).view(*values.shape[:-1], -1)
+
+
+def _sliced(product: Callable[[Tensor, Tensor, str], Tensor], values: Tensor, weight_t: Tensor, backend: str | None) -> Tensor:
+    """`product` of values [..., d] as rows [n, d] with weight_t [d, out], summed over CHUNK-wide slices of d."""
     inner = values.shape[-1]
     if inner > MAX_INNER_DIM:
         raise ValueError(f"inner dimension {inner} exceeds {MAX_INNER_DIM}, where exactness is proven")
     rows = values.reshape(-1, inner)
     backend = backend or fastest_backend()
     if inner <= CHUNK:  # every layer of most small models: no slicing on the decode path
-        total = _exact_product(rows, weight_t, backend)
-    else:
-        total = _exact_product(rows[:, :CHUNK], weight_t[:CHUNK], backend)
-        for start in range(CHUNK, inner, CHUNK):
-            total += _exact_product(rows[:, start : start + CHUNK], weight_t[start : start + CHUNK], backend)
-    return total.remainder_(P).view(*values.shape[:-1], -1)
+        return product(rows, weight_t, backend)
+    total = product(rows[:, :CHUNK], weight_t[:CHUNK], backend)
+    for start in range(CHUNK, inner, CHUNK):
+        total += product(rows[:, start : start + CHUNK], weight_t[start : start + CHUNK], backend)
+    return total
 
 
 @functools.cache

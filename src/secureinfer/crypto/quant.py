@@ -56,13 +56,7 @@ def dequantize_product(product: Tensor, row_scale: Tensor, weight: QuantizedWeig
     return (product.to(torch.float64) * row_scale.to(torch.float64)).mul_(weight.scale64).float()
 
 
-def integer_product(q: Tensor, weight_t: Tensor) -> Tensor:
-    """q @ weight_t exactly (float64 integers) for activations from `quantize_activation` (|q| <= 65535).
-    `weight_t`: int8 [in, out], or its `field.product_weight`."""
-    return signed_matmul(q, weight_t)
-
-
 def int8_linear(x: Tensor, weight: QuantizedWeight) -> Tensor:
     """The clear int8 pipeline: quantize, multiply exactly, rescale."""
     q, scale = quantize_activation(x)
-    return dequantize_product(integer_product(q, weight.weight_t), scale, weight)
+    return dequantize_product(signed_matmul(q, weight.weight_t), scale, weight)

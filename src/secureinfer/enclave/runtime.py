@@ -18,11 +18,11 @@ from torch import Tensor
 from ..channel import Channel, DeviceError
 from ..errors import InvalidRequestError
 from ..model.config import ModelConfig
-from ..crypto.field import P, centred_difference, product_weight
+from ..crypto.field import P, centred_difference, product_weight, signed_matmul
 from ..crypto.head_permutation import HeadPermutation
 from ..crypto.kv_mixing import KVMixing
 from ..crypto.pads import PadPool
-from ..crypto.quant import QuantizedWeight, dequantize_product, integer_product, quantize_activation, quantize_weight
+from ..crypto.quant import QuantizedWeight, dequantize_product, quantize_activation, quantize_weight
 from ..crypto.seal import SealStats
 from ..model.kernels import StepContext, flat_weights, run_ops, store_projection, with_adapter
 from ..model.llama import KVCache, LlamaWeights, rope_tables
@@ -280,9 +280,10 @@ class EnclaveRuntime:
         def while_device_multiplies() -> None:
             if own_weight is not None:  # first: the unpad below waits for it, the checks do not
                 began = time.perf_counter()
-                own.append(integer_product(rows, own_weight))
-                self.own_columns_s += time.perf_counter() - began
-                self.enclave_compute_s += time.perf_counter() - began
+                own.append(signed_matmul(rows, own_weight))  # rows: the quantized activations, |q| <= 65535
+                elapsed = time.perf_counter() - began
+                self.own_columns_s += elapsed
+                self.enclave_compute_s += elapsed
             self._check_products()
 
         _, returned = self.channel.request(
