@@ -181,7 +181,8 @@ def load(
     to the scheme's settings (`hardened` turns them on). pad_batch_rows (pads per GEMM batch),
     pad_background (refill the pad pool in a background thread, default on), and enclave_share (the share
     of each blinded product's output columns the enclave multiplies itself while the device multiplies the
-    rest; default 0.5 with a CPU device in its own process, else 0).
+    rest; default 0.5 with a CPU device in its own process on an int8-capable CPU and no integrity checks,
+    else 0).
     """
     _check_choice("scheme", scheme, tuple(PRESETS))
     if threads is not None:
