@@ -29,6 +29,7 @@ from secureinfer.channel.wire import (
     ERROR,
     MAX_HEADER_BYTES,
     PREFIX,
+    READ_AHEAD_BYTES,
     READY,
     ProtocolError,
     decode_frame,
@@ -126,6 +127,37 @@ def test_wire_over_a_socket_survives_partial_sends():
     assert frame.kind == "big" and all(torch.equal(frame.tensors[n], t) for n, t in tensors.items())
 
 
+def test_one_reader_splits_frames_that_arrive_together():
+    """The reader reads ahead: frames sent back to back in one write, small ones and ones past the read-ahead,
+    and ones cut at every odd place, each come out whole and in order, and then a hang-up reads as EOF."""
+    frames = [
+        encode_frame("small", {"i": 0}, {"v": torch.arange(7), "empty": torch.ones(0, 3)}),
+        encode_frame("none", {"i": 1}, {}),
+        encode_frame("large", {"i": 2}, {"w": torch.randn(3, READ_AHEAD_BYTES // 4 + 5)}),
+        encode_frame("small", {"i": 3}, {"b": torch.randn(5).to(torch.bfloat16), "s": torch.tensor(2.5)}),
+    ]
+    stream = b"".join(frame.to_bytes() for frame in frames) * 2
+    left, right = socket.socketpair()
+    with left, right:
+        def send_in_odd_pieces():
+            for start in range(0, len(stream), 4099):
+                left.sendall(stream[start : start + 4099])
+            left.close()
+
+        sender = threading.Thread(target=send_in_odd_pieces)
+        sender.start()
+        right.settimeout(30)
+        read_into = socket_reader(right, spin_s=1e-3)
+        received = [read_frame(read_into) for _ in range(2 * len(frames))]
+        with pytest.raises(EOFError):
+            read_frame(read_into)
+        sender.join()
+    for got, sent in zip(received, [*frames, *frames]):
+        expected = decode_frame(sent.to_bytes())
+        assert (got.kind, got.meta, list(got.tensors)) == (expected.kind, expected.meta, list(expected.tensors))
+        assert all(torch.equal(got.tensors[name], tensor) for name, tensor in expected.tensors.items())
+
+
 def raw_frame(header, payload: bytes = b"", payload_len: int | None = None) -> bytes:
     head = header if isinstance(header, bytes) else json.dumps(header).encode()
     return PREFIX.pack(len(head), len(payload) if payload_len is None else payload_len) + head + payload
@@ -142,6 +174,8 @@ MALFORMED = {
     "short prefix": b"\x05\x00\x00",
     "not JSON": raw_frame(b"{nope"),
     "not UTF-8": raw_frame(b'{"kind": "\xff"}'),
+    "NaN is not JSON": raw_frame(b'{"kind": "run", "meta": {"x": NaN}, "tensors": []}'),
+    "nested past any sane depth": raw_frame(b'{"kind": "run", "meta": {"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}, \"tensors\": []}"),
     "header not an object": raw_frame([1, 2]),
     "kind not a string": raw_frame(header(kind=3)),
     "meta not an object": raw_frame(header(meta=[])),
@@ -168,9 +202,11 @@ def test_malformed_frames_raise_protocol_error(data):
     [
         ("run", {}, {"z": torch.ones(2, dtype=torch.complex64)}),
         ("run", {"when": object()}, {}),
+        ("run", {3: "a non-string key"}, {}),
+        ("run", {"n": 2**70}, {}),
         (7, {}, {}),
     ],
-    ids=["unsupported dtype", "meta not JSON", "kind not a string"],
+    ids=["unsupported dtype", "meta not JSON", "non-string key", "integer past 64 bits", "kind not a string"],
 )
 def test_unencodable_frames_raise_protocol_error(kind, meta, tensors):
     with pytest.raises(ProtocolError):

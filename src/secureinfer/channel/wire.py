@@ -13,7 +13,6 @@ Everything read is untrusted: any malformed frame raises `ProtocolError`, never 
 
 from __future__ import annotations
 
-import json
 import math
 import select
 import socket
@@ -22,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import orjson
 import torch
 from torch import Tensor
 
@@ -32,6 +32,10 @@ IOV_MAX = 1024  # Linux caps the buffers one sendmsg call may take
 # and requests of a decode step come within it; measured on this 2-core VM, it took secureinfer's decode
 # from 8.6 to 12.9 tokens/s (a 24 KB round trip: 84 -> 48 us). A wait past it sleeps as before.
 SPIN_S = 1e-3
+# A reader takes up to this much of what has arrived in one recv, and hands it out from there: a decode step's
+# frame (prefix, header and a few KB of tensors) is one syscall instead of three. Larger reads go straight to
+# their tensor.
+READ_AHEAD_BYTES = 64 << 10
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -94,9 +98,9 @@ def encode_frame(kind: str, meta: dict[str, Any], tensors: Tensors) -> EncodedFr
         dtype = DTYPE_NAMES[tensor.dtype]
         entries.append({"name": name, "dtype": dtype, "shape": list(tensor.shape), "nbytes": raw.nbytes})
         buffers.append(raw)
-    try:
-        header = json.dumps({"kind": kind, "meta": meta, "tensors": entries}, separators=(",", ":")).encode()
-    except (TypeError, ValueError) as error:
+    try:  # orjson: ~15x faster than json here, for the two headers of each of a token's 121 round trips
+        header = orjson.dumps({"kind": kind, "meta": meta, "tensors": entries})
+    except TypeError as error:  # orjson.JSONEncodeError, e.g. an object, a non-str key or an int past 64 bits
         raise ProtocolError(f"the meta of a {kind!r} frame is not JSON-serializable: {error}") from None
     if len(header) > MAX_HEADER_BYTES:
         raise ProtocolError(f"a {kind!r} frame's header is {len(header)} bytes; the limit is {MAX_HEADER_BYTES}")
@@ -107,8 +111,17 @@ def encode_frame(kind: str, meta: dict[str, Any], tensors: Tensors) -> EncodedFr
 
 def _tensor_bytes(tensor: Tensor) -> memoryview:
     """The tensor's bytes; a view of its own memory when it is already contiguous on the CPU."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)  # reshape: a 0-d tensor cannot be viewed as bytes
-    return memoryview(flat.view(torch.uint8).numpy())
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        tensor = tensor.detach().to("cpu").contiguous()
+    return _byte_view(tensor.detach())
+
+
+def _byte_view(tensor: Tensor) -> memoryview:
+    """A flat byte view of a contiguous CPU tensor's memory, through numpy where numpy has the dtype (half the
+    calls of viewing it as uint8 first)."""
+    if tensor.dtype == torch.bfloat16 or not tensor.numel():  # numpy has no bfloat16; memoryview casts no empty shape
+        return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(tensor.numpy()).cast("B")
 
 
 def read_frame(read_into: ReadInto) -> Frame:
@@ -131,15 +144,15 @@ def read_frame(read_into: ReadInto) -> Frame:
         except RuntimeError as error:
             raise ProtocolError(f"cannot allocate tensor {name!r} of {nbytes} bytes: {error}") from None
         if nbytes:
-            read_into(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            read_into(_byte_view(tensor))
         tensors[name] = tensor
     return Frame(kind, meta, tensors, PREFIX.size + header_len + payload_len, payload_len)
 
 
 def _parse_header(raw: bytearray) -> tuple[str, dict[str, Any], list[tuple[str, torch.dtype, list[int], int]]]:
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        header = orjson.loads(raw)  # strict RFC 8259 (no NaN), UTF-8 checked, nesting capped at 255
+    except orjson.JSONDecodeError as error:
         raise ProtocolError(f"frame header is not UTF-8 JSON: {error}") from None
     if not (
         isinstance(header, dict)
@@ -217,23 +230,40 @@ def send_frame(sock: socket.socket, frame: EncodedFrame) -> None:
 def socket_reader(sock: socket.socket, spin_s: float = 0.0) -> ReadInto:
     """A `read_into` over a stream socket. EOF raises EOFError: the peer is gone, not malformed.
 
-    With `spin_s`, each read first polls the socket without sleeping for up to that long, then blocks as
-    usual. A peer that answers within it finds us awake: its send wakes no sleeping process, and on a VM
-    that wake-up (an inter-processor interrupt through the hypervisor) costs more than a small message.
+    It reads ahead up to READ_AHEAD_BYTES of what has arrived, and serves later reads from that first; so one
+    reader must serve the whole stream. With `spin_s`, a read that finds nothing read ahead first polls the
+    socket without sleeping for up to that long, then blocks as usual. A peer that answers within it finds us
+    awake: its send wakes no sleeping process, and on a VM that wake-up (an inter-processor interrupt through
+    the hypervisor) costs more than a small message.
     """
     readable = select.poll()
     readable.register(sock, select.POLLIN)
+    ahead = memoryview(bytearray(READ_AHEAD_BYTES))
+    held = [0, 0]  # the unread part of `ahead`: [start, end)
 
     def read_into(target: memoryview) -> None:
+        start, end = held
+        got = min(end - start, target.nbytes)
+        if got:
+            target[:got] = ahead[start : start + got]
+            held[0] = start + got
+            if got == target.nbytes:
+                return
         if spin_s:
             deadline = time.perf_counter() + spin_s
             while not readable.poll(0) and time.perf_counter() < deadline:
                 pass
-        got = 0
         while got < target.nbytes:
-            n = sock.recv_into(target[got:])
+            wanted = target.nbytes - got
+            n = sock.recv_into(target[got:] if wanted >= READ_AHEAD_BYTES else ahead)
             if n == 0:
                 raise EOFError("the peer closed the connection")
-            got += n
+            if wanted >= READ_AHEAD_BYTES:
+                got += n
+                continue
+            used = min(n, wanted)
+            target[got : got + used] = ahead[:used]
+            held[0], held[1] = used, n
+            got += used
 
     return read_into
