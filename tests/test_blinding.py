@@ -15,7 +15,7 @@ from gguf_fixtures import tiny_llama_config, tiny_llama_model, write_llama_gguf
 from scheme_runs import forward_logits, padded_batch
 from secureinfer.attacks.traffic import regression_r_squared, uniformity_p_value
 from secureinfer.crypto.field import (
-    BACKENDS, BYTE_LIMBS_FROM, CHUNK, HORNER_FROM, MAX_INNER_DIM, _limbs_from_bytes, P, centred_difference, fastest_backend, field_matmul, product_weight, to_signed,
+    BACKENDS, BYTE_LIMBS_FROM, CHUNK, HORNER_FROM, MAX_INNER_DIM, PAIRED_LIMBS_UP_TO, _limbs_from_bytes, P, centred_difference, fastest_backend, field_matmul, product_weight, to_signed,
 )
 from secureinfer.crypto.pads import PadPool, uniform_field
 from secureinfer.crypto.quant import ACTIVATION_QMAX, activation_qmax, int8_linear, quantize_activation, quantize_weight
@@ -24,7 +24,8 @@ from secureinfer.model import load_checkpoint
 PROMPTS = ["the cat and the dog", "once upon a time in a land", "is it on"]
 
 
-@pytest.mark.parametrize("inner", [CHUNK, 2 * CHUNK + 3])  # one slice; three, the last ragged
+# one slice; three, the last ragged; the widest whose int8 limb products pair up in int32 (many rows)
+@pytest.mark.parametrize("inner", [CHUNK, 2 * CHUNK + 3, PAIRED_LIMBS_UP_TO])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_field_product_is_exact_at_the_extremes(backend, inner):
     rng = random.Random(0)

@@ -12,7 +12,7 @@ import torch
 import secureinfer
 from secureinfer.attacks.tamper import MODES, run_tamper_attack
 from secureinfer.attacks.view import DeviceView
-from secureinfer.crypto.field import BACKENDS, CHUNK, HORNER_FROM, product_weight, signed_matmul
+from secureinfer.crypto.field import BACKENDS, BYTE_LIMBS_FROM, CHUNK, HORNER_FROM, product_weight, signed_matmul
 from secureinfer.crypto.quant import ACTIVATION_QMAX
 from secureinfer.errors import InvalidRequestError
 from secureinfer.model import load_checkpoint
@@ -36,6 +36,9 @@ def test_the_clear_product_is_exact_at_the_extremes(backend, inner):
     tiled = weight.repeat(1, HORNER_FROM // len(rows) // 4 + 1)  # past HORNER_FROM outputs: the in-place recombination
     got = signed_matmul(torch.tensor(rows), product_weight(tiled, backend), backend)
     assert got.numel() > HORNER_FROM and (got.view(len(rows), -1, 4) == torch.tensor(expected, dtype=torch.float64)[:, None]).all()
+    many = torch.tensor(rows).repeat(4, 1)  # a prefill's many rows: int8 limbs cut from bytes, high limbs joined in int32
+    assert many[:, :CHUNK].numel() >= BYTE_LIMBS_FROM
+    assert signed_matmul(many, product_weight(weight, backend), backend).tolist() == expected * 4
 
 
 def test_the_device_holds_and_returns_only_its_columns(tiny_gguf, tmp_path):

@@ -62,6 +62,8 @@ HORNER_FROM = 32768
 # Input elements from which the int8 route cuts limbs from bytes rather than shifting int64s: below it the
 # shifts' three operations beat the bytes' ten (a decode row: 6 against ~15 us).
 BYTE_LIMBS_FROM = 16384
+# Inner dimensions up to which two adjacent int8 limb products fit one int32 (see _exact_product).
+PAIRED_LIMBS_UP_TO = 1024
 WEIGHT_DTYPES = {"int8": torch.int8, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -94,9 +96,15 @@ def _exact_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
     # A prefill or pad batch: Horner in place in int64, 3x less memory than the product. Arithmetic left shifts,
     # not multiplies, which torch does not vectorize for int64 here, and each limb converted before it is added,
     # which is ~2x faster than letting add_ promote it (512 x 3072 outputs: 23 -> 14 ms in all).
-    total = partial[count - 1].to(torch.int64)
-    for i in reversed(range(count - 1)):
-        total.bitwise_left_shift_(bits).add_(partial[i].to(torch.int64))
+    terms, step = list(partial), bits
+    if backend == "int8" and weight_t.shape[0] <= PAIRED_LIMBS_UP_TO:
+        # Adjacent limbs' products joined in int32 first, halving the int64 passes (512 x 576 by 1536 columns:
+        # Horner 5.3 -> 2.6 ms): |p_i + 2^7 p_(i+1)| <= 1024 * 127 * 127 * (1 + 2^7) < 2^31.
+        terms = [torch.add(terms[i], terms[i + 1], alpha=1 << bits) for i in range(0, count - 1, 2)] + terms[-1:]
+        step = 2 * bits
+    total = terms[-1].to(torch.int64)
+    for term in reversed(terms[:-1]):
+        total.bitwise_left_shift_(step).add_(term.to(torch.int64))
     return total
 
 
@@ -131,6 +139,12 @@ def signed_matmul(values: Tensor, weight_t: Tensor, backend: str | None = None) 
 def _signed_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
     if backend == "float64":
         return rows.to(torch.float64) @ weight_t.to(torch.float64)
+    if backend == "int8" and rows.numel() >= BYTE_LIMBS_FROM:
+        # A prefill: limbs cut from bytes, and the two high limbs' products joined in int32 first, where they fit:
+        # |p1 + 2^7 p2| <= 2048 * 127 * (127 + 2^7 * 4) < 2^31. 512 x 576 by 480 columns: 5.5 -> 1.9 ms.
+        partial = torch._int_mm(_signed_limbs_from_bytes(rows), weight_t).view(SIGNED_LIMBS, rows.shape[0], -1)
+        high = torch.add(partial[1], partial[2], alpha=1 << LIMB_BITS)
+        return torch.add(partial[0].to(torch.float64), high.to(torch.float64), alpha=1 << LIMB_BITS)
     bits = LIMB_BITS if backend == "int8" else FLOAT_LIMB_BITS
     shifts, masks, scales = _signed_limb_scales(bits)
     limbs = ((rows.unsqueeze(0) >> shifts) & masks).view(-1, rows.shape[-1])
@@ -145,6 +159,19 @@ def _signed_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
     for i in reversed(range(SIGNED_LIMBS - 1)):
         total.mul_(1 << bits).add_(partial[i].to(torch.float64))
     return total
+
+
+def _signed_limbs_from_bytes(rows: Tensor) -> Tensor:
+    """The three int8 limbs of signed rows [n, d] (|v| < 2^16) as [3n, d], limb-major, from the low three bytes of
+    each two's-complement int64: bits 0-6, bits 7-13, and the low byte of v >> 14 (in [-4, 3]), which is that
+    value as a signed int8. As `_limbs_from_bytes`, each pass touches one byte per element, not eight."""
+    n, d = rows.shape
+    planes = rows.contiguous().view(torch.uint8).view(n * d, 8)[:, :SIGNED_LIMBS].t().contiguous()
+    limbs = torch.empty(SIGNED_LIMBS, n * d, dtype=torch.uint8)
+    torch.bitwise_and(planes[0], (1 << LIMB_BITS) - 1, out=limbs[0])
+    torch.bitwise_or(planes[0] >> LIMB_BITS, (planes[1] & 0x3F) << 1, out=limbs[1])
+    torch.bitwise_or(planes[1] >> 6, planes[2] << 2, out=limbs[2])
+    return limbs.view(torch.int8).view(SIGNED_LIMBS * n, d)
 
 
 @functools.cache
