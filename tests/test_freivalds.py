@@ -212,3 +212,50 @@ def test_cost_accounting():
     check = FreivaldsCheck(torch.zeros(576, 1536, dtype=torch.int8), repetitions=2)
     assert check.macs(3) == 3 * (576 + 1536) * 2
     assert check.nbytes == (576 + 1536) * 2 * 2 * 8
+
+
+def test_a_batch_passes_exactly_when_every_product_in_it_is_right(cases):
+    """verify_products over products of different weights and widths: right ones pass together; one wrong
+    element anywhere, a wrong dtype, shape or an unreduced value fails the batch (the runtime then names it)."""
+    gen = torch.Generator().manual_seed(7)
+    batch = [(case.check, case.v[0, :1], case.y[0, :1]) for case in cases[:6]]  # one row each, as in decode
+    assert freivalds.verify_products(batch)
+    for index in range(len(batch)):
+        check, v, y = batch[index]
+        spot = int(torch.randint(0, y.shape[-1], (1,), generator=gen))
+        wrong = y.clone()
+        wrong[0, spot] = (wrong[0, spot] + 1 + int(torch.randint(0, P - 1, (1,), generator=gen))) % P
+        for bad in (wrong, y.to(torch.int32), y[:, :-1] if y.shape[-1] > 1 else y.repeat(1, 2), y + P):
+            assert not freivalds.verify_products(batch[:index] + [(check, v, bad)] + batch[index + 1 :])
+            assert not check.verify(v, bad)  # and its own check, on the same secret s, fails too
+
+
+def test_a_batch_splits_where_rows_differ_or_terms_run_out(cases, monkeypatch):
+    """A prefill's products and its one-row LM head go in separate groups, and so do products past MAX_TERMS
+    together: each group still catches a wrong product in it."""
+    prefill = [(case.check, case.v[0], case.y[0]) for case in cases[:4]]  # ROWS rows each
+    head = [(cases[6].check, cases[6].v[0, :1], cases[6].y[0, :1])]
+    assert freivalds.verify_products(prefill + head)
+    wrong_head = head[0][2].clone()
+    wrong_head[0, -1] = (wrong_head[0, -1] + 1) % P
+    assert not freivalds.verify_products(prefill + [(head[0][0], head[0][1], wrong_head)])
+    widest = max(case.check.in_features + case.check.out_features for case in cases[:4])
+    monkeypatch.setattr(freivalds, "MAX_TERMS", widest)  # every product its own group
+    assert freivalds.verify_products(prefill)
+    check, v, y = prefill[-1]
+    assert not freivalds.verify_products(prefill[:-1] + [(check, v, (y + 1) % P)])
+
+
+def test_a_batch_is_exact_with_every_term_at_its_largest(monkeypatch):
+    """Two products whose in + out add up to MAX_TERMS, with s, v and W at their largest: the summed limb
+    products reach their bound and the right products still pass, exactly."""
+    recording_uniform_field(monkeypatch, fill=P - 1)
+    half = MAX_TERMS // 2
+    batch = []
+    for sign in (1, -1):
+        w = torch.full((half - 1, 1), 127 * sign, dtype=torch.int8)
+        v = torch.full((1, half - 1), P - 1)
+        batch.append((FreivaldsCheck(w, repetitions=2), v, field_matmul(v, w)))
+    assert sum(c.in_features + c.out_features for c, _, _ in batch) == MAX_TERMS
+    assert freivalds.verify_products(batch)
+    assert not freivalds.verify_products([batch[0], (batch[1][0], batch[1][1], (batch[1][2] + 1) % P)])

@@ -10,6 +10,8 @@ import torch
 import secureinfer
 from secureinfer import IntegrityError  # exported at the top, as the README shows
 from secureinfer.attacks.tamper import MODES, run_tamper_attack, tamper_replies
+from secureinfer.crypto.field import P
+from secureinfer.plan.ops import weight_names
 
 PROMPT = "the quick brown fox jumps over"
 
@@ -27,7 +29,8 @@ def test_hardened_equals_plain_int8_with_a_thousand_checks_and_no_false_alarm(ti
     blinded_per_forward = len(lm.plan.device_segments)
     assert stats["integrity"]["repetitions"] == 2
     assert stats["integrity"]["checked"] == len(got.tokens) * blinded_per_forward >= 1000
-    # all but each step's last check ran while the device computed the next product, as did the enclave's columns
+    # checks ran a layer's products at a time while the device computed the next product (all but each step's
+    # last batch), as did the enclave's columns
     overlapped = stats["integrity"]["seconds"] + stats["time"]["enclave_own_columns_s"]
     assert 0 < stats["channel"]["overlapped_s"] <= overlapped
     assert (stats["time"]["enclave_own_columns_s"] > 0) == (enclave_share > 0)
@@ -120,3 +123,22 @@ def test_a_scheme_with_no_blinded_product_has_nothing_to_tamper_with(tiny_gguf):
     with secureinfer.load(tiny_gguf, "plain", progress=False, channel="inprocess") as lm:
         with pytest.raises(ValueError, match="nothing to tamper with"):
             run_tamper_attack(lm, "corrupt", trials=1, prompt=PROMPT)
+
+
+@pytest.mark.parametrize("target", [("qkv_proj", 0), ("down_proj", 1), ("lm_head", None)])
+def test_a_wrong_product_in_a_checked_batch_is_named(tiny_gguf, target):
+    """Products are checked a layer at a time; a failed batch still names the weight and step of the wrong one."""
+    (name,) = weight_names(*target)
+    with secureinfer.load(tiny_gguf, "hardened", progress=False, channel="inprocess") as lm:
+        lm.generate(PROMPT, max_new_tokens=2, ignore_eos=True)
+        steps = lm.runtime.step
+
+        def alter(kind, meta, reply):
+            if kind == "run" and [tuple(op) for op in meta.get("ops", [])] == [target] and meta["step"] == steps + 2:
+                reply = dict(reply)
+                reply["y"] = (reply["y"] + 1) % P
+            return reply
+
+        tamper_replies(lm, alter)
+        with pytest.raises(IntegrityError, match=rf"wrong product for {name.replace('.', '[.]')} \(step {steps + 2}\)"):
+            lm.generate(PROMPT, max_new_tokens=4, ignore_eos=True)

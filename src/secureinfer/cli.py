@@ -86,7 +86,7 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--enclave-share", type=share,
         help="share of each blinded product's columns the enclave multiplies itself while the device does the rest "
-        "(default: 0.5 with a CPU device in its own process, int8 dot products and no integrity checks, else 0)",
+        "(default: 0.5 with a CPU device in its own process and int8 dot products, else 0)",
     )  # fmt: skip
 
 

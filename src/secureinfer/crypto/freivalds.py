@@ -58,6 +58,12 @@ def _split(values: np.ndarray) -> np.ndarray:
 def _project(operands: list[np.ndarray], limbs_t: np.ndarray) -> np.ndarray:
     """([a_1 | a_2 | ...] @ B) mod P, exact. a_i: int64 [rows, n_i] in [0, P), together n <= 2^17 columns;
     limbs_t: `_split(B).T`, contiguous, for B int64 [n, k]."""
+    return _reduce(_limb_products(operands, limbs_t))
+
+
+def _limb_products(operands: list[np.ndarray], limbs_t: np.ndarray) -> np.ndarray:
+    """float64 [operand limb, row, B limb, column] = [2, rows, 2, k]: the four limb products of `_project`, each
+    an exact integer below 2^36 * n; products over different B add exactly while all their n sum to <= 2^17."""
     rows, n = operands[0].shape[0], sum(a.shape[1] for a in operands)
     split = np.empty((2, rows, n))
     col = 0
@@ -65,14 +71,51 @@ def _project(operands: list[np.ndarray], limbs_t: np.ndarray) -> np.ndarray:
         np.bitwise_and(a, _LOW_MASK, out=split[0, :, col : col + a.shape[1]], casting="unsafe")
         np.right_shift(a, SPLIT_BITS, out=split[1, :, col : col + a.shape[1]], casting="unsafe")
         col += a.shape[1]
-    # [operand limb, row, B limb, column]: the four limb products, each an exact integer < 2^53. einsum
-    # rather than a BLAS GEMM: this skinny product is memory-bound and one thread runs it about as fast,
+    # einsum rather than a BLAS GEMM: this skinny product is memory-bound and one thread runs it about as fast,
     # without waking numpy's BLAS pool (deaf to the enclave's torch thread budget) or paying torch's OpenMP
     # barrier, which cost milliseconds per call when the cores were busy
     product = np.einsum("rn,cn->rc", split.reshape(2 * rows, n), limbs_t, optimize=False)
-    p = product.astype(np.int64).reshape(2, rows, 2, limbs_t.shape[0] // 2)
+    return product.reshape(2, rows, 2, limbs_t.shape[0] // 2)
+
+
+def _reduce(products: np.ndarray) -> np.ndarray:
+    """The limb products recombined by two Horner steps in int64 (each value < 2^35 * 2^18 + 2^53 < 2^63), mod P."""
+    p = products.astype(np.int64)
     upper = (((p[1, :, 1] % P) << SPLIT_BITS) + p[0, :, 1] + p[1, :, 0]) % P
     return ((upper << SPLIT_BITS) + p[0, :, 0]) % P
+
+
+def verify_products(products: list[tuple["FreivaldsCheck", Tensor, Tensor]]) -> bool:
+    """Whether y = v W mod P holds for every (check, v, y): all checked at once, one reduction per group.
+
+    For products j = 1..m with their own secret s_j, the sum over j of y_j s_j - v_j (W_j s_j) vanishes mod P
+    when every y_j is right. If some are wrong, with errors e_j (fixed by what the device saw, so independent
+    of every s_j), the sum is sum_j e_j s_j, and a nonzero e_j makes its term, and so the sum, uniform over Z_P:
+    it passes each column with probability 1/P, as a single check does. So a batch is as sound as checking
+    its products one by one, and never fails a right one. Products are grouped while they have the same rows
+    and their in + out sum to at most MAX_TERMS, which keeps the summed limb products exact. Why: each check
+    is ~20 numpy operations whatever its size, ~100 us in a decode step, so one per layer costs a quarter.
+    A malformed y (wrong dtype, shape or range) fails the batch; `FreivaldsCheck.check` then names it.
+    """
+    group: list[np.ndarray] = []
+    terms = rows = 0
+    for check, v, y in products:
+        vn = check._field_rows(v, "v", check.in_features)
+        yn = check._field_rows(y, "y", check.out_features, lead=v.shape[:-1])
+        if yn is None:
+            return False
+        size = check.in_features + check.out_features
+        if group and (terms + size > MAX_TERMS or len(vn) != rows):
+            if not _group_vanishes(group):
+                return False
+            group, terms = [], 0
+        group.append(_limb_products([yn, vn], check._limbs_t))
+        terms, rows = terms + size, len(vn)
+    return not group or _group_vanishes(group)
+
+
+def _group_vanishes(limb_products: list[np.ndarray]) -> bool:
+    return not _reduce(sum(limb_products[1:], limb_products[0])).any()
 
 
 class FreivaldsCheck:
@@ -105,12 +148,8 @@ class FreivaldsCheck:
         A y of the wrong dtype or shape fails every row; a row with an element outside [0, P) fails even if
         congruent, since the exactness argument (and the enclave's unpadding) assume reduced values.
         """
-        if v.dtype != torch.int64 or v.dim() < 1 or v.shape[-1] != self.in_features:
-            raise ValueError(f"v must be int64 [..., {self.in_features}], got {v.dtype} {tuple(v.shape)}")
+        vn = self._field_rows(v, "v", self.in_features)
         lead = v.shape[:-1]
-        vn = v.cpu().reshape(-1, self.in_features).numpy()
-        if vn.size and not (vn.min() >= 0 and vn.max() < P):
-            raise ValueError("v must hold field elements in [0, P)")
         if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (*lead, self.out_features):
             return torch.zeros(lead, dtype=torch.bool)
         yn = y.cpu().reshape(-1, self.out_features).numpy()
@@ -120,6 +159,21 @@ class FreivaldsCheck:
             yn = np.where(in_range[:, None], yn, 0)  # keep the arithmetic exact; those rows fail anyway
         ok = (_project([yn, vn], self._limbs_t) == 0).all(axis=1) & in_range
         return torch.from_numpy(ok).view(lead)
+
+    def _field_rows(self, values, what: str, width: int, lead: tuple | None = None) -> np.ndarray | None:
+        """`values` [..., width] as int64 numpy rows in [0, P). For v (`lead` None) anything else is the caller's
+        error (ValueError); for the device's y, with v's leading shape, it is a wrong product: None."""
+        if lead is not None:
+            if not isinstance(values, Tensor) or values.dtype != torch.int64 or values.shape != (*lead, width):
+                return None
+        elif values.dtype != torch.int64 or values.dim() < 1 or values.shape[-1] != width:
+            raise ValueError(f"{what} must be int64 [..., {width}], got {values.dtype} {tuple(values.shape)}")
+        rows = values.cpu().reshape(-1, width).numpy()
+        if rows.size and not (rows.min() >= 0 and rows.max() < P):
+            if lead is not None:
+                return None
+            raise ValueError(f"{what} must hold field elements in [0, P)")
+        return rows
 
     def verify(self, v: Tensor, y: Tensor) -> bool:
         """Whether every row of y is the product of the same row of v with W (mod P)."""

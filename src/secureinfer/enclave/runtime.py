@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 from ..channel import Channel, DeviceError
-from ..errors import InvalidRequestError
+from ..errors import IntegrityError, InvalidRequestError
 from ..model.config import ModelConfig
 from ..crypto.field import P, centred_difference, product_weight, signed_matmul
+from ..crypto.freivalds import FreivaldsCheck, verify_products
 from ..crypto.head_permutation import HeadPermutation
 from ..crypto.kv_mixing import KVMixing
 from ..crypto.pads import PadPool
@@ -34,6 +35,8 @@ from .sealed_kv import SealedKVCache
 
 KV_SEAL_BLOCK = 64  # positions per sealed KV block: one AES-GCM message per layer, kind and block
 UPLOAD_CHUNK_BYTES = 64 << 20  # keeps each weight message, and the device's receive buffer, bounded
+# Products Freivalds-checked together: a layer's four (each check alone is ~20 numpy operations, whatever its size).
+CHECKS_PER_BATCH = 4
 
 
 class StoredWeights:
@@ -136,8 +139,6 @@ class EnclaveRuntime:
             raise InvalidRequestError(f"verify_repetitions={repetitions!r} is invalid", "use an integer >= 0 (0: no checks)")
         if not repetitions:
             return {}
-        from ..crypto.freivalds import FreivaldsCheck
-
         return {name: FreivaldsCheck(self.weights[f"{name}.q"], repetitions) for name in blinded}
 
     def _tied_aliases(self, names: list[str]) -> dict[str, str]:
@@ -284,11 +285,13 @@ class EnclaveRuntime:
                 elapsed = time.perf_counter() - began
                 self.own_columns_s += elapsed
                 self.enclave_compute_s += elapsed
-            self._check_products()
+            if len(self._unchecked) >= CHECKS_PER_BATCH:
+                self._check_products()
 
+        overlapped = own_weight is not None or len(self._unchecked) >= CHECKS_PER_BATCH
         _, returned = self.channel.request(
             "run", self._run_meta(ctx, segment.ops, ["y"], blinded=True), {"v": padded},
-            while_waiting=while_device_multiplies if own_weight is not None or self._unchecked else None,
+            while_waiting=while_device_multiplies if overlapped else None,
         )  # fmt: skip
         began = time.perf_counter()
         y = returned["y"]
@@ -307,18 +310,23 @@ class EnclaveRuntime:
     def _check_products(self) -> None:
         """Freivalds-check the products received since the last check, raising IntegrityError on a wrong one.
 
-        Each runs while the device computes the next product (`while_waiting`), off the critical path, and
-        `forward` checks the rest before it returns logits, so a tampered product never reaches a token. Until
-        then a wrong y only feeds later blinded inputs, which are one-time padded whatever they hold.
+        They are checked CHECKS_PER_BATCH at a time, as one batch (`verify_products`, as sound as one by one),
+        while the device computes the next product (`while_waiting`), off the critical path, and `forward`
+        checks the rest before it returns logits, so a tampered product never reaches a token. Until then a
+        wrong y only feeds later blinded inputs, which are one-time padded whatever they hold.
         """
         if not self._unchecked:
             return
         began = time.perf_counter()
         unchecked, self._unchecked = self._unchecked, []
-        for name, padded, y in unchecked:
-            self.checks[name].check(padded, y, f"{name} (step {self.step})")
-            self.integrity["checked"] += 1
-            self.integrity["macs"] += self.checks[name].macs(padded.shape[0])
+        if not verify_products([(self.checks[name], padded, y) for name, padded, y in unchecked]):
+            for name, padded, y in unchecked:  # name the wrong product: its own check fails on the same s
+                self.checks[name].check(padded, y, f"{name} (step {self.step})")
+            raise IntegrityError(  # not reached: a batch fails only if one of its products does
+                f"the device returned a wrong product in step {self.step}", "restart the device, or replace it"
+            )
+        self.integrity["checked"] += len(unchecked)
+        self.integrity["macs"] += sum(self.checks[name].macs(padded.shape[0]) for name, padded, _ in unchecked)
         self.integrity["seconds"] += time.perf_counter() - began
 
     def stats(self) -> dict:
