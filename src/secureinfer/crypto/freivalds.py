@@ -100,8 +100,8 @@ def verify_products(products: list[tuple["FreivaldsCheck", Tensor, Tensor]]) -> 
     group: list[np.ndarray] = []
     terms = rows = 0
     for check, v, y in products:
-        vn = check._field_rows(v, "v", check.in_features)
-        yn = check._field_rows(y, "y", check.out_features, lead=v.shape[:-1])
+        vn = _input_rows(v, check.in_features)
+        yn = _product_rows(y, v.shape[:-1], check.out_features)
         if yn is None:
             return False
         size = check.in_features + check.out_features
@@ -116,6 +116,24 @@ def verify_products(products: list[tuple["FreivaldsCheck", Tensor, Tensor]]) -> 
 
 def _group_vanishes(limb_products: list[np.ndarray]) -> bool:
     return not _reduce(sum(limb_products[1:], limb_products[0])).any()
+
+
+def _input_rows(v: Tensor, width: int) -> np.ndarray:
+    """The enclave's padded input v [..., width] as int64 numpy rows; anything but field elements is a caller's bug."""
+    if v.dtype != torch.int64 or v.dim() < 1 or v.shape[-1] != width:
+        raise ValueError(f"v must be int64 [..., {width}], got {v.dtype} {tuple(v.shape)}")
+    rows = v.cpu().reshape(-1, width).numpy()
+    if rows.size and not (rows.min() >= 0 and rows.max() < P):
+        raise ValueError("v must hold field elements in [0, P)")
+    return rows
+
+
+def _product_rows(y, lead: tuple, width: int) -> np.ndarray | None:
+    """The device's y as int64 numpy rows [..., width] of field elements, or None if it is not even that."""
+    if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (*lead, width):
+        return None
+    rows = y.cpu().reshape(-1, width).numpy()
+    return rows if not rows.size or (rows.min() >= 0 and rows.max() < P) else None
 
 
 class FreivaldsCheck:
@@ -148,7 +166,7 @@ class FreivaldsCheck:
         A y of the wrong dtype or shape fails every row; a row with an element outside [0, P) fails even if
         congruent, since the exactness argument (and the enclave's unpadding) assume reduced values.
         """
-        vn = self._field_rows(v, "v", self.in_features)
+        vn = _input_rows(v, self.in_features)
         lead = v.shape[:-1]
         if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (*lead, self.out_features):
             return torch.zeros(lead, dtype=torch.bool)
@@ -159,21 +177,6 @@ class FreivaldsCheck:
             yn = np.where(in_range[:, None], yn, 0)  # keep the arithmetic exact; those rows fail anyway
         ok = (_project([yn, vn], self._limbs_t) == 0).all(axis=1) & in_range
         return torch.from_numpy(ok).view(lead)
-
-    def _field_rows(self, values, what: str, width: int, lead: tuple | None = None) -> np.ndarray | None:
-        """`values` [..., width] as int64 numpy rows in [0, P). For v (`lead` None) anything else is the caller's
-        error (ValueError); for the device's y, with v's leading shape, it is a wrong product: None."""
-        if lead is not None:
-            if not isinstance(values, Tensor) or values.dtype != torch.int64 or values.shape != (*lead, width):
-                return None
-        elif values.dtype != torch.int64 or values.dim() < 1 or values.shape[-1] != width:
-            raise ValueError(f"{what} must be int64 [..., {width}], got {values.dtype} {tuple(values.shape)}")
-        rows = values.cpu().reshape(-1, width).numpy()
-        if rows.size and not (rows.min() >= 0 and rows.max() < P):
-            if lead is not None:
-                return None
-            raise ValueError(f"{what} must hold field elements in [0, P)")
-        return rows
 
     def verify(self, v: Tensor, y: Tensor) -> bool:
         """Whether every row of y is the product of the same row of v with W (mod P)."""
