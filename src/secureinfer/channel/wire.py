@@ -112,7 +112,7 @@ def encode_frame(kind: str, meta: dict[str, Any], tensors: Tensors) -> EncodedFr
 def _tensor_bytes(tensor: Tensor) -> memoryview:
     """The tensor's bytes; a view of its own memory when it is already contiguous on the CPU."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
-        tensor = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.to("cpu").contiguous()
     return _byte_view(tensor.detach())
 
 

@@ -108,19 +108,22 @@ def _exact_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
     return total
 
 
-def _limbs_from_bytes(rows: Tensor) -> Tensor:
-    """The five 7-bit limbs of rows [n, d] in [0, P) as int8 [5n, d], limb-major, cut from the low five bytes of
+def _limbs_from_bytes(rows: Tensor, count: int = LIMBS, signed_top: bool = False) -> Tensor:
+    """The `count` 7-bit limbs of rows [n, d] in [0, P) as int8 [count n, d], limb-major, cut from the low bytes of
     each little-endian int64 (P < 2^35 < 2^40): limb k is the top k bits of byte k-1 below the low 7-k bits of
     byte k. Every pass touches one byte per element where shifting the int64s touches eight, and the 8x smaller
-    temporaries page-fault 8x less (a prefill's limbs: 512 x 1536 inputs in ~3 ms instead of 7-15 ms)."""
+    temporaries page-fault 8x less (a prefill's limbs: 512 x 1536 inputs in ~3 ms instead of 7-15 ms).
+    With `signed_top` (signed rows, |v| < 2^16, three limbs) the top limb keeps every bit of its byte k: it is
+    the low byte of v >> 14 in two's complement, which is that value (in [-4, 3]) as a signed int8."""
     n, d = rows.shape
-    planes = rows.contiguous().view(torch.uint8).view(n * d, 8)[:, :LIMBS].t().contiguous()
-    limbs = torch.empty(LIMBS, n * d, dtype=torch.uint8)
+    planes = rows.contiguous().view(torch.uint8).view(n * d, 8)[:, :count].t().contiguous()
+    limbs = torch.empty(count, n * d, dtype=torch.uint8)
     torch.bitwise_and(planes[0], (1 << LIMB_BITS) - 1, out=limbs[0])
-    for k in range(1, LIMBS):
+    for k in range(1, count):
         low_bits = LIMB_BITS - k  # taken from byte k, above the k bits left in byte k - 1
-        torch.bitwise_or(planes[k - 1] >> (8 - k), (planes[k] & ((1 << low_bits) - 1)) << k, out=limbs[k])
-    return limbs.view(torch.int8).view(LIMBS * n, d)
+        high = planes[k] if signed_top and k == count - 1 else planes[k] & ((1 << low_bits) - 1)
+        torch.bitwise_or(planes[k - 1] >> (8 - k), high << k, out=limbs[k])
+    return limbs.view(torch.int8).view(count * n, d)
 
 
 SIGNED_LIMBS = 3  # a signed activation |x| < 2^16: two low limbs and a signed top limb, |top| <= 2^(16 - 2 * bits)
@@ -142,7 +145,8 @@ def _signed_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
     if backend == "int8" and rows.numel() >= BYTE_LIMBS_FROM:
         # A prefill: limbs cut from bytes, and the two high limbs' products joined in int32 first, where they fit:
         # |p1 + 2^7 p2| <= 2048 * 127 * (127 + 2^7 * 4) < 2^31. 512 x 576 by 480 columns: 5.5 -> 1.9 ms.
-        partial = torch._int_mm(_signed_limbs_from_bytes(rows), weight_t).view(SIGNED_LIMBS, rows.shape[0], -1)
+        limbs = _limbs_from_bytes(rows, SIGNED_LIMBS, signed_top=True)
+        partial = torch._int_mm(limbs, weight_t).view(SIGNED_LIMBS, rows.shape[0], -1)
         high = torch.add(partial[1], partial[2], alpha=1 << LIMB_BITS)
         return torch.add(partial[0].to(torch.float64), high.to(torch.float64), alpha=1 << LIMB_BITS)
     bits = LIMB_BITS if backend == "int8" else FLOAT_LIMB_BITS
@@ -159,19 +163,6 @@ def _signed_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
     for i in reversed(range(SIGNED_LIMBS - 1)):
         total.mul_(1 << bits).add_(partial[i].to(torch.float64))
     return total
-
-
-def _signed_limbs_from_bytes(rows: Tensor) -> Tensor:
-    """The three int8 limbs of signed rows [n, d] (|v| < 2^16) as [3n, d], limb-major, from the low three bytes of
-    each two's-complement int64: bits 0-6, bits 7-13, and the low byte of v >> 14 (in [-4, 3]), which is that
-    value as a signed int8. As `_limbs_from_bytes`, each pass touches one byte per element, not eight."""
-    n, d = rows.shape
-    planes = rows.contiguous().view(torch.uint8).view(n * d, 8)[:, :SIGNED_LIMBS].t().contiguous()
-    limbs = torch.empty(SIGNED_LIMBS, n * d, dtype=torch.uint8)
-    torch.bitwise_and(planes[0], (1 << LIMB_BITS) - 1, out=limbs[0])
-    torch.bitwise_or(planes[0] >> LIMB_BITS, (planes[1] & 0x3F) << 1, out=limbs[1])
-    torch.bitwise_or(planes[1] >> 6, planes[2] << 2, out=limbs[2])
-    return limbs.view(torch.int8).view(SIGNED_LIMBS * n, d)
 
 
 @functools.cache

@@ -102,7 +102,7 @@ def verify_products(products: list[tuple["FreivaldsCheck", Tensor, Tensor]]) -> 
     for check, v, y in products:
         vn = _input_rows(v, check.in_features)
         yn = _product_rows(y, v.shape[:-1], check.out_features)
-        if yn is None:
+        if yn is None or (yn.size and not (yn.min() >= 0 and yn.max() < P)):
             return False
         size = check.in_features + check.out_features
         if group and (terms + size > MAX_TERMS or len(vn) != rows):
@@ -129,11 +129,10 @@ def _input_rows(v: Tensor, width: int) -> np.ndarray:
 
 
 def _product_rows(y, lead: tuple, width: int) -> np.ndarray | None:
-    """The device's y as int64 numpy rows [..., width] of field elements, or None if it is not even that."""
+    """The device's y as int64 numpy rows [n, width], or None if its type or shape is not that of v's product."""
     if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (*lead, width):
         return None
-    rows = y.cpu().reshape(-1, width).numpy()
-    return rows if not rows.size or (rows.min() >= 0 and rows.max() < P) else None
+    return y.cpu().reshape(-1, width).numpy()
 
 
 class FreivaldsCheck:
@@ -168,9 +167,9 @@ class FreivaldsCheck:
         """
         vn = _input_rows(v, self.in_features)
         lead = v.shape[:-1]
-        if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (*lead, self.out_features):
+        yn = _product_rows(y, lead, self.out_features)
+        if yn is None:
             return torch.zeros(lead, dtype=torch.bool)
-        yn = y.cpu().reshape(-1, self.out_features).numpy()
         in_range = np.ones(len(yn), dtype=bool)
         if yn.size and not (yn.min() >= 0 and yn.max() < P):
             in_range = (yn.min(axis=1) >= 0) & (yn.max(axis=1) < P)

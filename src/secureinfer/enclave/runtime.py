@@ -277,6 +277,7 @@ class EnclaveRuntime:
         # Pads generated inside `take` are offline work, reported apart in the pad stats.
         self.enclave_compute_s += time.perf_counter() - began - (self.pads.stats.stall_s - stalled_before)
         own_weight, own = self._own_weights.get(name), []
+        check_now = len(self._unchecked) >= CHECKS_PER_BATCH
 
         def while_device_multiplies() -> None:
             if own_weight is not None:  # first: the unpad below waits for it, the checks do not
@@ -285,13 +286,12 @@ class EnclaveRuntime:
                 elapsed = time.perf_counter() - began
                 self.own_columns_s += elapsed
                 self.enclave_compute_s += elapsed
-            if len(self._unchecked) >= CHECKS_PER_BATCH:
+            if check_now:
                 self._check_products()
 
-        overlapped = own_weight is not None or len(self._unchecked) >= CHECKS_PER_BATCH
         _, returned = self.channel.request(
             "run", self._run_meta(ctx, segment.ops, ["y"], blinded=True), {"v": padded},
-            while_waiting=while_device_multiplies if overlapped else None,
+            while_waiting=while_device_multiplies if own_weight is not None or check_now else None,
         )  # fmt: skip
         began = time.perf_counter()
         y = returned["y"]
