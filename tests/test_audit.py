@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from secureinfer.attacks.report import README_BEGIN, README_END, read_report, security_table, update_readme, write_report
+from secureinfer.attacks.report import (
+    README_BEGIN,
+    README_END,
+    merge_reports,
+    read_report,
+    security_markdown,
+    security_table,
+    update_readme,
+    write_report,
+)
 from secureinfer.errors import InvalidRequestError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +93,7 @@ def test_the_extraction_table_gives_each_run_its_fidelities_and_ratios():
     assert "| 0 | plain | 0.500 / 0.625 / 1.000 / 1.000 | 0 / 0 / 21 / 21 of 28 (21) |" in off
     assert "1.60, n/a (black-box 0)" in off  # gray ÷ black top-1, and facts where black-box got none
     assert "| 1 | plain |" in on and "2.00, 3.00" in on
-    assert "Extraction ran separately, at git def456." in table
+    assert "Extraction ran apart from the rest of its scheme's audit: `plain` at git def456." in table
     assert "`secureinfer`" not in table.split("Extraction:")[0].split("| scheme | logit noise")[1]
 
 
@@ -123,6 +132,98 @@ def test_the_readme_table_is_replaced_between_its_markers_only(tmp_path):
     readme.write_text("# no markers\n")
     with pytest.raises(InvalidRequestError, match="no generated attack table"):
         update_readme(readme, _report())
+
+
+def _rerun(config: dict) -> dict:
+    """A later audit of `secureinfer` (its numbers changed) and of a scheme the first report lacked."""
+    first = _report()
+    changed = first["schemes"]["secureinfer"] | {
+        "traffic": first["schemes"]["secureinfer"]["traffic"] | {"min_uniformity_p": 0.61},
+        "tampering": {"modes": {}, "trials": 40, "detection_rate": 0.0, "false_alarms": 0, "wrong_output": 31},
+        "seconds": 9.0,
+    }
+    hardened = changed | {
+        "description": "checked", "seconds": 11.0,
+        "tampering": {"modes": {}, "trials": 40, "detection_rate": 1.0, "false_alarms": 0, "wrong_output": 0},
+    }  # fmt: skip
+    return {
+        "config": config | {"schemes": ["secureinfer", "hardened"]},
+        "versions": {"git": "fff999"},
+        "seconds": 21.0,
+        "peak_rss_mib": 1200.0,
+        "schemes": {"secureinfer": changed, "hardened": hardened},
+    }
+
+
+def test_a_rerun_replaces_its_schemes_and_every_scheme_keeps_its_commit():
+    base = _report() | {"notes": ["plain's run was interrupted once"]}
+    merged = merge_reports(base, _rerun(base["config"]))
+    assert list(merged["schemes"]) == ["plain", "secureinfer", "hardened"] == merged["config"]["schemes"]
+    assert merged["schemes"]["plain"] == base["schemes"]["plain"] | {"git": "abc123"}
+    assert merged["schemes"]["secureinfer"]["tampering"]["wrong_output"] == 31
+    assert [merged["schemes"][s]["git"] for s in merged["schemes"]] == ["abc123", "fff999", "fff999"]
+    assert merged["seconds"] == 5.0 + 9.0 + 11.0 and merged["peak_rss_mib"] == 1200.0
+    assert merged["notes"] == ["plain's run was interrupted once"]
+    table = security_table(merged)
+    secure = next(line for line in table.splitlines() if line.startswith("| `secureinfer`"))
+    assert "min p = 0.61" in secure and "31 wrong outputs" in secure
+    assert "git abc123 for `plain`; git fff999 for `secureinfer`, `hardened`, 25 s." in table
+    assert "`plain` at git def456." in table  # plain's extraction still ran apart from its audit
+    markdown = security_markdown(merged)
+    assert "- Time: 5 s, at git abc123." in markdown and "- Time: 11 s, at git fff999." in markdown
+
+
+@pytest.mark.parametrize("setting, value", [("seed", 1), ("victims", ["a"]), ("tamper_trials", 50)])
+def test_a_rerun_under_other_settings_is_refused_naming_them(setting, value):
+    base = _report()
+    with pytest.raises(InvalidRequestError, match=f"measured with other settings \\({setting}\\)"):
+        merge_reports(base, _rerun(base["config"] | {setting: value}))
+
+
+def _audit_cli(*args: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from secureinfer.cli import main
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["audit", "--quiet", *args])
+    return code, stderr.getvalue()
+
+
+def test_audit_update_merges_into_the_report_in_out(tmp_path, tiny_gguf, monkeypatch):
+    from secureinfer.attacks import audit
+
+    config = audit.audit_config(audit.QUICK, ("plain", "secureinfer"), 0)
+    write_report(_report() | {"config": config}, tmp_path)
+    ran = []
+
+    def rerun(checkpoint, schemes, size, seed, keep_views, progress):
+        ran.append(schemes)
+        return _rerun(audit.audit_config(size, schemes, seed))
+
+    monkeypatch.setattr(audit, "run_audit", rerun)
+    code, _ = _audit_cli("--model", str(tiny_gguf), "--quick", "--scheme", "secureinfer", "--scheme", "hardened",
+                         "--update", "--out", str(tmp_path))  # fmt: skip
+    assert code == 0 and ran == [("secureinfer", "hardened")]
+    merged = read_report(tmp_path)
+    assert list(merged["schemes"]) == ["plain", "secureinfer", "hardened"]
+    assert merged["schemes"]["plain"]["git"] == "abc123" and merged["schemes"]["hardened"]["git"] == "fff999"
+
+
+def test_audit_update_refuses_before_any_work(tmp_path, tiny_gguf, monkeypatch):
+    from secureinfer.attacks import audit
+
+    monkeypatch.setattr(audit, "run_audit", lambda *args: pytest.fail("the audit ran"))
+    model = ["--model", str(tiny_gguf)]
+    code, message = _audit_cli(*model, "--quick", "--update", "--out", str(tmp_path))
+    assert code != 0 and "run `secureinfer audit --out DIR` first" in message and "Traceback" not in message
+    write_report(_report() | {"config": audit.audit_config(audit.QUICK, ("plain",), 0)}, tmp_path)
+    code, message = _audit_cli(*model, "--quick", "--seed", "3", "--update", "--out", str(tmp_path))
+    assert code != 0 and "measured with other settings (seed)" in message and "--seed" in message
+    code, message = _audit_cli(*model, "--update", "--extraction-only", "--out", str(tmp_path))
+    assert code != 0 and "--extraction-only and --update together" in message
 
 
 def test_the_project_readme_holds_the_markers():

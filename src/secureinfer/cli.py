@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--extraction-only", action="store_true",
         help="run only model extraction and put it into the existing report in --out, replacing its extraction results",
     )
+    audit.add_argument(
+        "--update", action="store_true",
+        help="put the audited schemes' results into the existing report in --out in place of theirs, keeping the "
+        "other schemes' (the report must have the same size and seed; each scheme keeps the commit it ran at)",
+    )
     audit.set_defaults(run=_audit)
     return parser
 
@@ -486,8 +491,8 @@ def _attack(args) -> None:
 def _audit(args) -> None:
     from dataclasses import replace
 
-    from .attacks.audit import DEFAULT_SCHEMES, FULL, QUICK, run_audit, run_extraction_audit
-    from .attacks.report import read_report, security_table, update_readme, write_report
+    from .attacks.audit import DEFAULT_SCHEMES, FULL, QUICK, audit_config, run_audit, run_extraction_audit
+    from .attacks.report import merge_reports, read_report, require_same_settings, security_table, update_readme, write_report
     from .model import load_checkpoint
     from .plan import build_plan
 
@@ -495,6 +500,11 @@ def _audit(args) -> None:
     size = QUICK if args.quick else FULL
     queries = args.extraction_queries if args.extraction_queries is not None else size.extraction_queries
     size = replace(size, extraction_queries=queries, extraction_oracle=args.extraction_oracle)
+    if args.extraction_only and args.update:
+        raise InvalidRequestError("--extraction-only and --update together", "pass one: --update reruns whole schemes")
+    if args.update:
+        base = read_report(args.out)  # a missing, foreign or mismatched report fails here, before hours of work
+        require_same_settings(base, audit_config(size, schemes, args.seed))
     if args.extraction_only:
         if not queries:
             raise InvalidRequestError("--extraction-only with no extraction queries", "pass --extraction-queries N (N > 0) or drop --quick")
@@ -513,6 +523,8 @@ def _audit(args) -> None:
             report["schemes"][scheme]["extraction"] = extraction
     else:
         report = run_audit(checkpoint, schemes, size, args.seed, args.keep_views, not args.quiet)
+        if args.update:
+            report = merge_reports(base, report)
     files = write_report(report, args.out)
     if args.readme:
         update_readme(args.readme, report)

@@ -235,6 +235,15 @@ def _tampering(checkpoint: Checkpoint, scheme: str, size: AuditSize, seed: int) 
     }
 
 
+def _victims(size: AuditSize) -> list[Conversation]:
+    return load_conversations()[: size.conversations]
+
+
+def audit_config(size: AuditSize, schemes: tuple[str, ...], seed: int) -> dict:
+    """The settings a report records, known before any work: a merge checks them first."""
+    return asdict(size) | {"schemes": list(schemes), "victims": [v.id for v in _victims(size)], "seed": seed}
+
+
 def run_audit(
     checkpoint: Checkpoint,
     schemes: tuple[str, ...] = DEFAULT_SCHEMES,
@@ -250,7 +259,7 @@ def run_audit(
     tokenizer, config = checkpoint.tokenizer, checkpoint.config
     public = Llama(config, checkpoint.fused_weights)  # the adversary's copy of the public base
     prior = unigram_prior(tokenizer)
-    victims = load_conversations()[: size.conversations]
+    victims = _victims(size)
     extract = ExtractionStage(checkpoint, size, seed, progress)
     workdir = Path(keep_views) if keep_views else Path(tempfile.mkdtemp(prefix="secureinfer-audit-"))
     report_schemes = {}
@@ -302,7 +311,7 @@ def run_audit(
         if not keep_views:
             shutil.rmtree(workdir, ignore_errors=True)
     return {
-        "config": asdict(size) | {"schemes": list(schemes), "victims": [v.id for v in victims], "seed": seed},
+        "config": audit_config(size, schemes, seed),
         "versions": versions,
         "seconds": time.perf_counter() - began,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -89,7 +89,11 @@ def extraction_table(report: dict) -> str | None:
             f"{_ratio(ratios['white/black heldout_accuracy'])} |"
         )
     first = rows[0][1]
-    separately = {report["schemes"][scheme]["extraction"].get("git") for scheme, _ in rows} - {report["versions"]["git"]}
+    separately = {
+        scheme: report["schemes"][scheme]["extraction"].get("git")
+        for scheme in dict.fromkeys(scheme for scheme, _ in rows)
+        if report["schemes"][scheme]["extraction"].get("git") != scheme_git(report, scheme)
+    }
     lines.append("")
     lines.append(
         f"Extraction: {first['queries']} API queries (greedy answers, top-{first['logprobs']} logprobs), a rank-8 LoRA "
@@ -98,7 +102,7 @@ def extraction_table(report: dict) -> str | None:
         "victim's greedy answers to held-out and general prompts; held-out facts are answered correctly when the "
         "keyword appears. `API queried` names the deployment the queries went to: a blinded scheme's answers are "
         "plain-int8's, token for token, with logprobs bit-equal at equal thread counts (tested), and plain-int8 answers without pads or round trips."
-        + (f" Extraction ran separately, at git {', '.join(sorted(map(str, separately)))}." if separately else "")
+        + (f" Extraction ran apart from the rest of its scheme's audit: {_at_commits(separately)}." if separately else "")
     )
     return "\n".join(lines)
 
@@ -117,6 +121,25 @@ def _extraction_line(extraction: dict) -> str:
     return f"queries to {extraction['queried']}. " + ". ".join(parts)
 
 
+def scheme_git(report: dict, scheme: str) -> str | None:
+    """The commit a scheme's results were measured at: its own after a merge, else the whole run's."""
+    return report["schemes"][scheme].get("git", report["versions"]["git"])
+
+
+def _by_commit(commits: dict[str, str | None]) -> str:
+    """`git C` when every scheme ran at one commit, else each commit with the schemes that ran at it."""
+    groups: dict[str | None, list[str]] = {}
+    for scheme, commit in commits.items():
+        groups.setdefault(commit, []).append(scheme)
+    if len(groups) == 1:
+        return f"git {next(iter(groups)) or 'unknown'}"
+    return "; ".join(f"git {commit or 'unknown'} for {', '.join(f'`{s}`' for s in schemes)}" for commit, schemes in groups.items())
+
+
+def _at_commits(commits: dict[str, str | None]) -> str:
+    return ", ".join(f"`{scheme}` at git {commit or 'unknown'}" for scheme, commit in commits.items())
+
+
 def security_table(report: dict) -> str:
     """One row per scheme: what each attack recovered, with its chance level; the README embeds this."""
     attacks = [name for name in ATTACK_TITLES if any(name in s["conversation_attacks"] for s in report["schemes"].values())]
@@ -133,7 +156,7 @@ def security_table(report: dict) -> str:
     lines.append(
         f"{len(config['victims'])} victim conversations per scheme, {config['new_tokens']} reply tokens each, "
         f"{config['tamper_trials']} tampered runs per mode, seed {config['seed']}; "
-        f"git {report['versions']['git'] or 'unknown'}, {report['seconds']:.0f} s. "
+        f"{_by_commit({scheme: scheme_git(report, scheme) for scheme in report['schemes']})}, {report['seconds']:.0f} s. "
         "Token recovery is over the chat-template ids; chance is guessing the most frequent token of a public text "
         "(an attacker who also knows the chat template gets its ~16% of the ids for free). A tensor of the adapter "
         "counts as found when any run of 8 of its values is in the view's bytes in any common precision."
@@ -164,7 +187,7 @@ def security_markdown(report: dict) -> str:
             f"- Tampering: {_tamper_cell(result['tampering'])}.",
             f"- Demo adapter: {_adapter_cell(result['adapter'])}.",
             f"- Extraction: {_extraction_line(result['extraction'])}.",
-            f"- Time: {result['seconds']:.0f} s.",
+            f"- Time: {result['seconds']:.0f} s, at git {scheme_git(report, scheme) or 'unknown'}.",
             "",
         ]
     lines.append(f"Versions: {json.dumps(report['versions'])}; peak memory {report['peak_rss_mib']:.0f} MiB.")
@@ -222,6 +245,36 @@ def read_report(directory: str | Path) -> dict:
     if not isinstance(report, dict) or not isinstance(report.get("schemes"), dict):
         raise InvalidRequestError(f"{path} is not an audit report", "point --out at a directory `secureinfer audit` wrote")
     return report
+
+
+# The settings every attack and tampering figure is measured under; extraction records its own.
+MEASUREMENT_SETTINGS = ("conversations", "victims", "new_tokens", "tamper_trials", "tamper_tokens", "seed")
+
+
+def require_same_settings(base: dict, config: dict) -> None:
+    """Refuse to merge a run into a report measured under other victims, sizes or seed: their rows would not compare."""
+    differing = [key for key in MEASUREMENT_SETTINGS if base["config"].get(key) != config.get(key)]
+    if differing:
+        raise InvalidRequestError(
+            f"the existing report was measured with other settings ({', '.join(differing)})",
+            "rerun with its size and seed (--quick or not, --seed), or drop --update to write a new report",
+        )
+
+
+def merge_reports(base: dict, update: dict) -> dict:
+    """`base` with `update`'s schemes in place of its own (a rerun after their code changed); every scheme keeps its commit."""
+    require_same_settings(base, update["config"])
+    schemes = {scheme: result | {"git": scheme_git(base, scheme)} for scheme, result in base["schemes"].items()}
+    for scheme, result in update["schemes"].items():
+        schemes[scheme] = result | {"git": scheme_git(update, scheme)}  # replaces in place, or appends a new scheme
+    return {
+        "config": base["config"] | {"schemes": list(schemes)},
+        "versions": update["versions"],
+        "seconds": sum(result["seconds"] for result in schemes.values()),
+        "peak_rss_mib": max(base["peak_rss_mib"], update["peak_rss_mib"]),
+        "schemes": schemes,
+        "notes": [*base.get("notes", []), *update.get("notes", [])],
+    }
 
 
 def update_readme(readme: str | Path, report: dict) -> None:
