@@ -142,6 +142,40 @@ def test_modelled_time_adds_up_by_hand_including_paging():
     assert model.breakdown(enclave, resident)["paging"] == 0
 
 
+def test_the_enclaves_share_of_a_blinded_product_overlaps_the_devices_part_in_modelled_time():
+    published = TokenCosts.of(build_plan("secureinfer", WIDE), 100)
+    split = TokenCosts.of(build_plan("secureinfer", WIDE).with_enclave_share(0.5), 100)
+    assert published.enclave_own_column_flops == 0
+    # The columns move between the sides; the enclave's half makes no pads and crosses no boundary.
+    assert split.enclave_own_column_flops + split.pad_flops == published.pad_flops
+    assert 0.45 < split.enclave_own_column_flops / published.pad_flops < 0.55
+    assert split.costs.bytes_from_device < published.costs.bytes_from_device
+    cpu = CostModel()
+    own = split.enclave_own_column_flops / cpu.enclave_int8_flops_per_s
+    window = split.pad_flops / cpu.device_int8_flops_per_s + split.blinded_products * cpu.round_trip_s
+    assert own <= window and cpu.breakdown(split, None)["enclave_own_columns"] == 0  # hidden behind the device
+    # The enclave's other work is the same at any share: its columns are counted once, in their own entry.
+    assert cpu.breakdown(split, None)["enclave_compute"] == pytest.approx(cpu.breakdown(published, None)["enclave_compute"])
+    assert cpu.modelled_seconds(split, None) < cpu.modelled_seconds(published, None)
+    # Beside a device 100x faster, the enclave's columns outlast the device's part and cost more than they save.
+    exposed = own - (split.pad_flops / GPU.device_int8_flops_per_s + split.blinded_products * GPU.round_trip_s)
+    assert GPU.breakdown(split, None)["enclave_own_columns"] == pytest.approx(exposed, rel=1e-12) and exposed > 0
+    assert GPU.modelled_seconds(split, None) > GPU.modelled_seconds(published, None)
+
+
+def test_the_planner_costs_every_blinded_placement_and_preset_at_the_share_given():
+    result = plan_partition(WIDE, None, BOTH, enclave_share=0.5)
+    ranks = default_adapter_ranks(WIDE, RANK)
+    presets = {p.name: p for p in result.presets}
+    expected = TokenCosts.of(build_plan("secureinfer", WIDE).with_adapters(ranks).with_enclave_share(0.5), result.context)
+    assert presets["secureinfer"].costs == expected and presets["secureinfer"].plan.enclave_share == 0.5
+    chosen = result.chosen
+    assert "DB" in chosen.layout.projections and chosen.costs.enclave_own_column_flops > 0
+    assert chosen.costs == TokenCosts.of(chosen.plan.with_adapters(ranks), result.context)
+    assert "the enclave multiplies 50% of its columns itself" in planner_table(result)
+    assert presets["secureinfer"].seconds < planned(WIDE, None, frozenset(BOTH)).presets[list(PRESETS).index("secureinfer")].seconds
+
+
 def test_a_large_epc_protecting_the_conversation_beats_the_presets_without_leaking():
     for config, model in ((TINY, CostModel()), (WIDE, CostModel()), (WIDE, GPU)):
         result = planned(config, 1 << 40, frozenset({"conversation"}), model)

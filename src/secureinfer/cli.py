@@ -419,7 +419,9 @@ def _partition(args) -> None:
 
     config = load_checkpoint(args.model, progress=not args.quiet).config
     try:
-        result = plan_partition(config, args.epc, args.protect or set(), args.context, args.adapter_rank)
+        result = plan_partition(
+            config, args.epc, args.protect or set(), args.context, args.adapter_rank, enclave_share=args.enclave_share
+        )
         failure = None
     except NoPlacementFits as error:
         result, failure = error.result, error

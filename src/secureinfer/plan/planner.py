@@ -76,7 +76,7 @@ class CostModel:
     """Seconds per decode token from the analytic per-token costs.
 
     Decode at batch 1 is a dependency chain, so the enclave's work, the device's work and the
-    boundary crossings add up (nothing overlaps). The defaults were measured on this project's
+    boundary crossings add up; the one overlap is the enclave's share of each blinded product (`breakdown`). The defaults were measured on this project's
     machine (2-core AMD EPYC at 2.6 GHz, torch CPU kernels; the "device" is a CPU too, so it is no
     faster than the enclave): README's `secureinfer bench` figures, cross-checked by timing the
     SmolLM2 layer shapes (576x960, 576x576, 576x3072, 1536x576) here. `CostModel.calibrate()`
@@ -149,11 +149,19 @@ class CostModel:
         return math.ceil(over / PAGE_BYTES)
 
     def breakdown(self, costs: "TokenCosts", epc_bytes: int | None, verified: bool = False) -> dict[str, float]:
-        """Seconds per decode token, by where they go (`verified`: every blinded product is Freivalds-checked)."""
+        """Seconds per decode token, by where they go (`verified`: every blinded product is Freivalds-checked).
+
+        Under an enclave share, the enclave multiplies its own columns of each blinded product while the device
+        multiplies the rest and the trip is under way; only the part of its columns' time past that window adds.
+        Every blinded product is split at the same share, so the window is taken over all of them at once.
+        """
         c = costs.costs
+        own_columns = costs.enclave_own_column_flops / self.enclave_int8_flops_per_s
+        device_window = costs.pad_flops / self.device_int8_flops_per_s + costs.blinded_products * self.round_trip_s
         return {
             "enclave_compute": (c.enclave_flops - costs.enclave_int8_flops) / self.enclave_flops_per_s
-            + costs.enclave_int8_flops / self.enclave_int8_flops_per_s,
+            + (costs.enclave_int8_flops - costs.enclave_own_column_flops) / self.enclave_int8_flops_per_s,
+            "enclave_own_columns": max(0.0, own_columns - device_window),
             "device_compute": (c.device_flops - costs.device_int8_flops) / self.device_flops_per_s
             + costs.device_int8_flops / self.device_int8_flops_per_s,
             "blinding": costs.blinded_products * self.blinded_overhead_s,
@@ -248,6 +256,7 @@ class TokenCosts:
 
     costs: PlanCosts
     enclave_int8_flops: int  # the part of costs.enclave_flops done as int8 limb products
+    enclave_own_column_flops: int  # the part of those that is the enclave's share of blinded products
     device_int8_flops: int  # the part of costs.device_flops done as int8 limb products (int8 and blinded)
     blinded_products: int  # blinded projections per token: each costs the enclave a quantize/pad/unpad/rescale
     pad_flops: int  # offline: the enclave's pads u = r W for those products (as many FLOPs as their device part)
@@ -257,7 +266,7 @@ class TokenCosts:
     def of(cls, plan: Plan, context: int) -> "TokenCosts":
         """For one decode token at `context` cached positions."""
         int8 = {ENCLAVE: 0, DEVICE: 0}
-        blinded = pad_flops = row_elements = 0
+        own_columns = blinded = pad_flops = row_elements = 0
         for p in plan.placements:
             if p.transform not in ("int8", "blinded"):
                 continue
@@ -267,12 +276,13 @@ class TokenCosts:
                 continue
             on_device = outsourced(plan, p.op, p.layer, flops)
             int8[DEVICE] += on_device
-            int8[ENCLAVE] += flops - on_device  # the enclave's own columns
+            int8[ENCLAVE] += flops - on_device
+            own_columns += flops - on_device
             blinded += 1
             pad_flops += on_device
             columns, _ = blinded_columns(plan, p.op, p.layer)
             row_elements += weight_shape(weight_names(p.op, p.layer)[0], plan.config)[1] + columns
-        return cls(plan_costs(plan, context), int8[ENCLAVE], int8[DEVICE], blinded, pad_flops, row_elements)
+        return cls(plan_costs(plan, context), int8[ENCLAVE], own_columns, int8[DEVICE], blinded, pad_flops, row_elements)
 
     def to_dict(self) -> dict:
         return self.costs.to_dict() | {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "costs"}
@@ -503,9 +513,9 @@ class Layout:
             return self.projections[PROJECTIONS.index(op)]
         return self.misc
 
-    def plan(self, config: ModelConfig, adapters: Mapping[str, int] | None = None) -> Plan:
+    def plan(self, config: ModelConfig, adapters: Mapping[str, int] | None = None, enclave_share: float = 0.0) -> Plan:
         placements = tuple(Placement(op, layer, *OPTIONS[self.code_of(op)]) for op, layer in op_sequence(config))
-        return Plan(self.name, config, placements, dict(adapters or {}))
+        return Plan(self.name, config, placements, dict(adapters or {}), enclave_share=enclave_share)
 
     @property
     def exposure_class(self) -> tuple[str, ...]:
@@ -522,9 +532,10 @@ class Layout:
         return "; ".join(f"{LABELS[code]}: {', '.join(groups[code])}" for code in OPTIONS if code in groups)
 
 
-def plan_from_name(name: str, config: ModelConfig) -> Plan:
+def plan_from_name(name: str, config: ModelConfig, enclave_share: float = 0.0) -> Plan:
     """A preset's plan, or a planner placement's (`auto-...`), without adapters."""
-    return Layout.parse(name).plan(config) if name.startswith("auto-") else build_plan(name, config)
+    plan = Layout.parse(name).plan(config) if name.startswith("auto-") else build_plan(name, config)
+    return plan.with_enclave_share(enclave_share)
 
 
 def default_adapter_ranks(config: ModelConfig, rank: int = DEFAULT_ADAPTER_RANK) -> dict[str, int]:
@@ -552,6 +563,7 @@ class Candidate:
     protect: tuple[str, ...]
     exact: bool  # figures from the full plan (else extrapolated from 1- and 2-layer copies)
     layout: Layout | None = None
+    enclave_share: float = 0.0  # of each blinded product's columns, as costed
 
     @property
     def seconds(self) -> float:
@@ -570,7 +582,7 @@ class Candidate:
     @cached_property
     def plan(self) -> Plan:
         """The placement as a runnable Plan, without adapters: add a real one with `plan.with_adapters`."""
-        return plan_from_name(self.name, self.config)
+        return plan_from_name(self.name, self.config, self.enclave_share)
 
     def to_dict(self) -> dict:
         return {
@@ -664,6 +676,7 @@ def plan_partition(
     context: int = 512,
     adapter_ranks: Mapping[str, int] | int | None = None,
     cost_model: CostModel | None = None,
+    enclave_share: float = 0.0,
 ) -> PlannerResult:
     """Choose the fastest modelled placement that leaks no protected asset and fits `epc_bytes`.
 
@@ -671,6 +684,8 @@ def plan_partition(
     positions of the decode step costed. adapter_ranks: the adapter's {weight name: rank} (e.g. a
     loaded adapter's), or an int (that rank on every layer projection), or None (rank 8 on every
     layer projection): without an adapter, `adapters` could not leak. cost_model: CostModel() if None.
+    enclave_share: the share of each blinded product's columns the enclave multiplies itself, in every
+    placement and preset costed (the runtime's `enclave_share`).
     Raises NoPlacementFits (a SecureInferError; `.result` holds the table) when nothing fits.
     """
     began = time.perf_counter()
@@ -702,10 +717,11 @@ def plan_partition(
         return Candidate(
             name, summary, preset, config, costs, model.breakdown(costs, epc_bytes, verified), resident,
             model.pad_pool_bytes(costs), epc_bytes is None or resident <= epc_bytes, leakage, protect, exact, layout,
+            enclave_share,
         )  # fmt: skip
 
     def full(layout: Layout) -> Candidate:
-        plan = layout.plan(config, ranks)
+        plan = layout.plan(config, ranks, enclave_share)
         return score(layout.name, layout.summary, False, TokenCosts.of(plan, context), plan_leakage(plan), True, layout)
 
     # 1. Enumerate; keep the faster of D/D8 per projection; drop blinded ops next to device ops.
@@ -754,9 +770,9 @@ def plan_partition(
 
     def estimate(layout: Layout) -> Candidate:
         if config.num_layers <= 2:
-            costs = TokenCosts.of(layout.plan(config, ranks), context)
+            costs = TokenCosts.of(layout.plan(config, ranks, enclave_share), context)
         else:
-            one, two = (TokenCosts.of(layout.plan(proxies[n]), context) for n in (1, 2))
+            one, two = (TokenCosts.of(layout.plan(proxies[n], enclave_share=enclave_share), context) for n in (1, 2))
             costs = _plus_adapters(_extrapolate(one, two, config.num_layers, layout.name), layout, totals)
         return score(layout.name, layout.summary, False, costs, leaks[layout], False, layout)
 
@@ -771,7 +787,7 @@ def plan_partition(
 
     presets = []
     for name, preset in PRESETS.items():
-        plan = preset.build(config).with_adapters(ranks)
+        plan = preset.build(config).with_adapters(ranks).with_enclave_share(enclave_share)
         verified = bool(preset.runtime.get("verify_repetitions"))
         layout = layout_of(plan)
         summary = layout.summary if layout else preset.summary
@@ -786,6 +802,11 @@ def plan_partition(
         notes.append(
             f"No adapter given: scored with a hypothetical rank-{rank} adapter on every layer projection "
             f"({len(ranks)} weights, {size:.1f} MiB)."
+        )
+    if enclave_share:
+        notes.append(
+            f"Every blinded product is split: the enclave multiplies {enclave_share:.0%} of its columns itself, "
+            "beside the device's part."
         )
     if not model.count_offline_pads:
         notes.append("Offline pad generation is left out of the modelled time.")
