@@ -20,6 +20,7 @@ from secureinfer.attacks.report import (
     update_readme,
     write_report,
 )
+from secureinfer.attacks.traffic import views_p_value
 from secureinfer.errors import InvalidRequestError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +85,7 @@ def test_the_table_shows_each_scheme_with_its_numbers_and_chance():
     assert "120 of 120 tensors found (held by device)" in plain
     assert "nothing to attack" in secure and "0% of 40 detected, 29 wrong outputs" in secure
     assert "min p = 0.4" in secure and "0 reused pads" in secure and "0 of 120 tensors found" in secure
+    assert f"their p's uniform: KS p = {views_p_value([0.4, 0.7]):.2g};" in secure  # the views' p-values as a whole
 
 
 def test_the_extraction_table_gives_each_run_its_fidelities_and_ratios():

@@ -13,6 +13,7 @@ from secureinfer.attacks.traffic import (
     pad_reuse_pairs,
     regression_r_squared,
     uniformity_p_value,
+    views_p_value,
 )
 from secureinfer.crypto.field import P
 from secureinfer.crypto.pads import uniform_field
@@ -30,6 +31,15 @@ def test_uniformity_rejects_structured_traffic_and_accepts_pads():
     skewed = pads.clone()
     skewed[: len(skewed) // 5] //= 2
     assert uniformity_p_value(skewed, P) < 1e-6
+
+
+def test_the_views_p_values_are_tested_as_a_whole():
+    # 28 p-values spread evenly over (0, 1), the smallest one 0.004: nothing, however low that one looks.
+    spread = [0.004] + [(i + 0.5) / 28 for i in range(1, 28)]
+    assert views_p_value(spread) > 0.5
+    # Views that each look only mildly off, together: every p below 0.3.
+    assert views_p_value([0.3 * (i + 0.5) / 28 for i in range(28)]) < 1e-6
+    assert views_p_value([0.2]) is None  # one view: nothing to compare its p with
 
 
 def test_uniformity_refuses_too_few_values():

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from ..errors import InvalidRequestError
+from .traffic import views_p_value
 
 ATTACK_TITLES = {
     "kv_inversion": "KV inversion",
@@ -42,9 +43,11 @@ def _tamper_cell(tampering: dict | None) -> str:
 def _traffic_cell(traffic: dict | None) -> str:
     if traffic is None:
         return "no blinded traffic"
+    across = views_p_value(traffic["uniformity_p"])
     return (
         f"min p = {traffic['min_uniformity_p']:.2g} over {traffic['views']} views "
-        f"({traffic['elements']:,} elements); {traffic['pad_reuse_pairs']} reused pads"
+        f"({traffic['elements']:,} elements)" + ("" if across is None else f", their p's uniform: KS p = {across:.2g}")
+        + f"; {traffic['pad_reuse_pairs']} reused pads"
     )
 
 

@@ -4,7 +4,7 @@ and was any pad used twice?"""
 from __future__ import annotations
 
 import torch
-from scipy.stats import chisquare
+from scipy.stats import chisquare, kstest
 from torch import Tensor
 
 from ..crypto.field import to_signed
@@ -20,6 +20,15 @@ def uniformity_p_value(values: Tensor, modulus: int, bins: int = 256) -> float:
         raise ValueError(f"{values.numel()} values are too few for {bins} bins; chi-square wants at least 5 per bin")
     counts = torch.bincount((values.double() * bins / modulus).long().clamp(0, bins - 1), minlength=bins)
     return float(chisquare(counts.numpy()).pvalue)
+
+
+def views_p_value(p_values: list[float]) -> float | None:
+    """Kolmogorov-Smirnov p-value that per-view uniformity p-values are themselves uniform on (0, 1).
+
+    The smallest of n uniform p-values is near 1/(n + 1) by chance alone (0.034 for 28 views), so a low minimum
+    is no finding by itself; a distribution of them piled towards 0 is. None below 2 views.
+    """
+    return float(kstest(p_values, "uniform").pvalue) if len(p_values) >= 2 else None
 
 
 def regression_r_squared(observed: Tensor, plaintext: Tensor) -> float:
