@@ -86,6 +86,10 @@ def test_the_table_shows_each_scheme_with_its_numbers_and_chance():
     assert "nothing to attack" in secure and "0% of 40 detected, 29 wrong outputs" in secure
     assert "min p = 0.4" in secure and "0 reused pads" in secure and "0 of 120 tensors found" in secure
     assert f"their p's uniform: KS p = {views_p_value([0.4, 0.7]):.2g};" in secure  # the views' p-values as a whole
+    assert "pooled p" not in secure  # a report written before the pooled test says nothing of one
+    pooled = _report()
+    pooled["schemes"]["secureinfer"]["traffic"] |= {"pooled_uniformity_p": 0.37, "bins": 256}
+    assert "| pooled p = 0.37; min p = 0.4 over 2 views" in security_table(pooled)
 
 
 def test_the_extraction_table_gives_each_run_its_fidelities_and_ratios():
@@ -266,7 +270,8 @@ def test_quick_audit_of_the_real_model(tmp_path):
         ran = {name: outcome for name, outcome in attacks.items() if outcome["ran"]}
         assert list(ran) == ["blinded_nearest_embedding"], scheme
         assert ran["blinded_nearest_embedding"]["token_recovery"] <= ran["blinded_nearest_embedding"]["chance_token_recovery"] + 0.02
-        assert schemes[scheme]["traffic"]["pad_reuse_pairs"] == 0 and schemes[scheme]["traffic"]["min_uniformity_p"] > 1e-4
+        traffic = schemes[scheme]["traffic"]
+        assert traffic["pad_reuse_pairs"] == 0 and traffic["min_uniformity_p"] > 1e-4 and traffic["pooled_uniformity_p"] > 1e-4
         assert schemes[scheme]["adapter"]["found"] == 0 and schemes[scheme]["adapter"]["held_by"] == ["enclave"]
     assert schemes["hardened"]["tampering"]["detection_rate"] == 1.0 and schemes["hardened"]["tampering"]["false_alarms"] == 0
     assert schemes["secureinfer"]["tampering"]["detection_rate"] == 0.0

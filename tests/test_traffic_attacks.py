@@ -12,6 +12,8 @@ from secureinfer.attacks.traffic import (
     nearest_embedding_tokens,
     pad_reuse_pairs,
     regression_r_squared,
+    counts_p_value,
+    uniformity_counts,
     uniformity_p_value,
     views_p_value,
 )
@@ -40,6 +42,26 @@ def test_the_views_p_values_are_tested_as_a_whole():
     # Views that each look only mildly off, together: every p below 0.3.
     assert views_p_value([0.3 * (i + 0.5) / 28 for i in range(28)]) < 1e-6
     assert views_p_value([0.2]) is None  # one view: nothing to compare its p with
+
+
+def _view_statistics(values: torch.Tensor) -> dict:
+    counts = uniformity_counts(values, P)
+    return {"elements": values.numel(), "uniformity_p": counts_p_value(counts), "pad_reuse_pairs": 0, "bin_counts": counts.tolist()}
+
+
+def test_pooling_the_views_counts_finds_a_bias_no_single_view_shows():
+    from secureinfer.attacks.audit import _pool_traffic
+
+    views = []
+    for _ in range(28):
+        values = uniform_field(100, 1000).flatten()
+        values[:60] %= P // 256  # 60 of 100,000 values moved into the lowest bin: ~1.5 sigma in one view
+        views.append(_view_statistics(values))
+    pooled = _pool_traffic(views)
+    assert sorted(pooled["uniformity_p"])[14] > 0.05  # one view at a time, nothing remarkable
+    assert pooled["pooled_uniformity_p"] < 1e-9 and pooled["bins"] == 256 and pooled["elements"] == 28 * 100_000
+    fair = _pool_traffic([_view_statistics(uniform_field(100, 1000).flatten()) for _ in range(28)])
+    assert fair["pooled_uniformity_p"] > 1e-4
 
 
 def test_uniformity_refuses_too_few_values():

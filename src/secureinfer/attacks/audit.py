@@ -38,7 +38,7 @@ from .kv_inversion import invert_hidden_states, invert_kv_cache, normed_embeddin
 from .metrics import aggregate_recovery, score_recovery, unigram_prior
 from .score_matching import match_attention_scores
 from .tamper import MODES, run_tamper_attack
-from .traffic import nearest_embedding_tokens, pad_reuse_pairs, uniformity_p_value
+from .traffic import counts_p_value, nearest_embedding_tokens, pad_reuse_pairs, uniformity_counts
 from .victims import Conversation, load_conversations
 from .view import ConversationRecovery, DeviceView
 from .vocab_matching import match_vocabulary
@@ -143,7 +143,11 @@ def traffic_statistics(view: DeviceView) -> dict | None:
         return None
     every = torch.cat([t.flatten() for rows in by_op.values() for t in rows])
     reused = sum(len(pad_reuse_pairs(torch.cat(rows), P)) for rows in by_op.values())
-    return {"elements": every.numel(), "uniformity_p": uniformity_p_value(every, P), "pad_reuse_pairs": reused}
+    counts = uniformity_counts(every, P)
+    return {
+        "elements": every.numel(), "uniformity_p": counts_p_value(counts), "pad_reuse_pairs": reused,
+        "bin_counts": counts.tolist(),
+    }  # fmt: skip
 
 
 def _replay(checkpoint: Checkpoint, scheme: str, conversation: Conversation, view_dir: Path, new_tokens: int):
@@ -322,11 +326,15 @@ def run_audit(
 def _pool_traffic(per_view: list[dict]) -> dict | None:
     if not per_view:
         return None
+    # One test over every view's elements together: ~28x the power of any one view's against a bias all share.
+    pooled = torch.tensor([v["bin_counts"] for v in per_view]).sum(dim=0)
     return {
         "views": len(per_view),
         "elements": sum(v["elements"] for v in per_view),
         "min_uniformity_p": min(v["uniformity_p"] for v in per_view),
         "uniformity_p": [v["uniformity_p"] for v in per_view],
+        "pooled_uniformity_p": counts_p_value(pooled),
+        "bins": len(pooled),
         "pad_reuse_pairs": sum(v["pad_reuse_pairs"] for v in per_view),
     }
 

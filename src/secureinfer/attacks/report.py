@@ -44,9 +44,11 @@ def _traffic_cell(traffic: dict | None) -> str:
     if traffic is None:
         return "no blinded traffic"
     across = views_p_value(traffic["uniformity_p"])
+    pooled = traffic.get("pooled_uniformity_p")  # absent from reports written before it was measured
     return (
-        f"min p = {traffic['min_uniformity_p']:.2g} over {traffic['views']} views "
-        f"({traffic['elements']:,} elements)" + ("" if across is None else f", their p's uniform: KS p = {across:.2g}")
+        (f"pooled p = {pooled:.2g}; " if pooled is not None else "")
+        + f"min p = {traffic['min_uniformity_p']:.2g} over {traffic['views']} views ({traffic['elements']:,} elements)"
+        + ("" if across is None else f", their p's uniform: KS p = {across:.2g}")
         + f"; {traffic['pad_reuse_pairs']} reused pads"
     )
 

@@ -11,15 +11,24 @@ from ..crypto.field import to_signed
 from ..crypto.quant import ACTIVATION_QMAX
 
 
+def uniformity_counts(values: Tensor, modulus: int, bins: int = 256) -> Tensor:
+    """How many of `values` fall in each of `bins` equal bins of [0, modulus): views' counts add up."""
+    if values.numel() < 5 * bins:
+        raise ValueError(f"{values.numel()} values are too few for {bins} bins; chi-square wants at least 5 per bin")
+    return torch.bincount((values.double() * bins / modulus).long().clamp(0, bins - 1), minlength=bins)
+
+
+def counts_p_value(counts: Tensor) -> float:
+    """Chi-square p-value that bin counts came from a uniform distribution over the bins."""
+    return float(chisquare(counts.numpy()).pvalue)
+
+
 def uniformity_p_value(values: Tensor, modulus: int, bins: int = 256) -> float:
     """Chi-square p-value that `values` are uniform over [0, modulus), counted in `bins` equal bins.
 
     Uniform traffic gives p uniform on (0, 1); structure shows as p near 0.
     """
-    if values.numel() < 5 * bins:
-        raise ValueError(f"{values.numel()} values are too few for {bins} bins; chi-square wants at least 5 per bin")
-    counts = torch.bincount((values.double() * bins / modulus).long().clamp(0, bins - 1), minlength=bins)
-    return float(chisquare(counts.numpy()).pvalue)
+    return counts_p_value(uniformity_counts(values, modulus, bins))
 
 
 def views_p_value(p_values: list[float]) -> float | None:
