@@ -3,7 +3,7 @@
 - PR_SET_DUMPABLE=0: no core dumps, and other same-user processes may not ptrace or read /proc/PID/mem.
 - memfd_secret (Linux >= 5.14): pages removed from the kernel's direct map, so even the kernel
   cannot read them casually. They count against RLIMIT_MEMLOCK, so large buffers often fall back
-  to ordinary memory; the report says how many bytes got which.
+  to ordinary memory; the report says how many bytes each holds now.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import ctypes
 import mmap
 import os
 import platform
+import weakref
 
 import torch
 from torch import Tensor
@@ -33,23 +34,30 @@ def make_undumpable() -> dict:
 
 
 class SecretMemory:
-    """Allocates tensors in memfd_secret mappings when possible, otherwise in ordinary memory."""
+    """Allocates tensors in memfd_secret mappings when possible, otherwise in ordinary memory.
+
+    A tensor keeps its mapping alive (`torch.frombuffer` holds a reference to it), and the mapping is unmapped
+    when the last tensor viewing it goes: a long-running enclave holds only what it still uses. The report
+    counts the bytes held now, of each kind.
+    """
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled and SYS_MEMFD_SECRET is not None and platform.system() == "Linux"
-        self.secret_bytes = 0
-        self.fallback_bytes = 0
+        self.held = {"secret": 0, "ordinary": 0}
         self.fallback_reason: str | None = None if self.enabled else "memfd_secret unavailable on this platform"
-        self._mappings: list[mmap.mmap] = []  # kept alive as long as the tensors viewing them
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         nbytes = max(1, torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size())
         mapping = self._map(nbytes) if self.enabled else None
+        kind = "secret" if mapping is not None else "ordinary"
         if mapping is None:
-            self.fallback_bytes += nbytes
-            return torch.empty(shape, dtype=dtype)
-        self.secret_bytes += nbytes
+            mapping = mmap.mmap(-1, nbytes)  # anonymous: freed, and counted, the same way
+        self.held[kind] += nbytes
+        weakref.finalize(mapping, self._release, kind, nbytes)
         return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+
+    def _release(self, kind: str, nbytes: int) -> None:
+        self.held[kind] -= nbytes
 
     def copy(self, tensor: Tensor) -> Tensor:
         """A copy in secret memory. A transposed matrix stays transposed: that layout is what `field.product_weight`
@@ -76,12 +84,11 @@ class SecretMemory:
             return None
         finally:
             os.close(fd)
-        self._mappings.append(mapping)
         return mapping
 
     def report(self) -> dict:
         return {
-            "secret_bytes": self.secret_bytes,
-            "ordinary_bytes": self.fallback_bytes,
+            "secret_bytes": self.held["secret"],
+            "ordinary_bytes": self.held["ordinary"],
             "fallback_reason": self.fallback_reason,
         }

@@ -9,7 +9,9 @@ device restart.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
+import weakref
 from typing import Callable
 
 import torch
@@ -124,6 +126,8 @@ class EnclaveRuntime:
         }
         self.integrity = {"repetitions": verify_repetitions, "checked": 0, "macs": 0, "seconds": 0.0}
         self.seal_kv = seal_kv
+        self._kv_buffers: tuple[Tensor, Tensor] | None = None  # the enclave KV cache's memory, kept for the next one
+        self._kv_user: weakref.ref | None = None  # the cache now using it
         self.sealed_cache: SealedKVCache | None = None
         self.sealed_totals = SealStats()  # of the caches already replaced; the report adds the live one
         self.rope = rope_tables(config, config.max_position_embeddings)
@@ -195,9 +199,22 @@ class EnclaveRuntime:
             return self.sealed_cache
         cache = KVCache.__new__(KVCache)  # the conversation's keys and values live in secret memory
         shape = (self.config.num_layers, batch_size, self.config.num_kv_heads, max_len, self.config.head_dim)
-        cache.k, cache.v, cache.max_len = self.secret.zeros(shape), self.secret.zeros(shape), max_len
+        cache.k, cache.v = self._kv_memory(shape)
+        cache.max_len = max_len
+        self._kv_user = weakref.ref(cache)
         self.memory.observe("kv_cache", 2 * cache.k.numel() * cache.k.element_size())
         return cache
+
+    def _kv_memory(self, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Zeroed keys and values of `shape`, in the last cache's secret memory when it is large enough and that
+        cache is gone. A fresh memfd_secret mapping faults in every page on first touch, at ~25 us a page here:
+        74 ms to zero a 512-token chat's cache, where zeroing memory already mapped takes ~2 ms."""
+        count = math.prod(shape)
+        previous_gone = self._kv_user is None or self._kv_user() is None
+        if self._kv_buffers is None or self._kv_buffers[0].numel() < count or not previous_gone:
+            self._kv_buffers = (self.secret.empty((count,), torch.float32), self.secret.empty((count,), torch.float32))
+        k, v = (buffer[:count].view(shape).zero_() for buffer in self._kv_buffers)
+        return k, v
 
     def _kv_resident_positions(self, batch: int, max_len: int) -> int | None:
         """With sealing on, the KV positions that fit what the EPC budget leaves; None when all of them fit."""
