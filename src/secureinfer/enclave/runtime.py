@@ -290,7 +290,7 @@ class EnclaveRuntime:
         rows = q.reshape(-1, q.shape[-1])
         r, u = self.pads.take(name, rows.shape[0])
         self.memory.observe("pads", self.pads.held_bytes())  # the pool is enclave memory too
-        padded = (rows + r) % P  # rows lie in [-QMAX, QMAX]: one reduction lands the sum in [0, P)
+        padded = torch.add(rows, r).remainder_(P)  # rows lie in [-QMAX, QMAX]: one reduction lands the sum in [0, P)
         # Pads generated inside `take` are offline work, reported apart in the pad stats.
         self.enclave_compute_s += time.perf_counter() - began - (self.pads.stats.stall_s - stalled_before)
         own_weight, own = self._own_weights.get(name), []
@@ -317,8 +317,11 @@ class EnclaveRuntime:
             if y.dtype != torch.int64 or y.shape != u.shape:  # cannot even be unpadded: fail it now
                 self._check_products()
         product = centred_difference(y, u)
-        if own:  # the enclave's columns follow the device's (see __init__)
-            product = torch.cat((product.to(torch.float64), own[0]), dim=-1)
+        if own:  # the enclave's columns follow the device's (see __init__); each converted as it is copied in
+            joined = product.new_empty((product.shape[0], product.shape[1] + own[0].shape[1]), dtype=torch.float64)
+            joined[:, : product.shape[1]].copy_(product)
+            joined[:, product.shape[1] :].copy_(own[0])
+            product = joined
         product = product.view(*x.shape[:-1], -1)
         product = dequantize_product(product, row_scale, self._quantized[name])
         store_projection(op, values, with_adapter(product, x, self.weights, name), ctx)
