@@ -15,7 +15,7 @@ from gguf_fixtures import tiny_llama_config, tiny_llama_model, write_llama_gguf
 from scheme_runs import forward_logits, padded_batch
 from secureinfer.attacks.traffic import regression_r_squared, uniformity_p_value
 from secureinfer.crypto.field import (
-    BACKENDS, BYTE_LIMBS_FROM, CHUNK, HORNER_FROM, MAX_INNER_DIM, PAIRED_LIMBS_UP_TO, _limbs_from_bytes, P, centred_difference, fastest_backend, field_matmul, product_weight, to_signed,
+    BACKENDS, BYTE_LIMBS_FROM, CHUNK, HORNER_FROM, MAX_INNER_DIM, PACK_FROM_BYTES, PACKED_MAX_INNER_DIM, PAIRED_LIMBS_UP_TO, PackedInt8Weight, _limbs_from_bytes, P, centred_difference, fastest_backend, field_matmul, packing_available, product_weight, signed_matmul, to_signed,
 )
 from secureinfer.crypto.pads import PadPool, uniform_field
 from secureinfer.crypto.quant import ACTIVATION_QMAX, activation_qmax, int8_linear, quantize_activation, quantize_weight
@@ -64,6 +64,28 @@ def test_many_rows_cut_their_limbs_from_bytes_and_stay_exact():
 
 def test_the_default_backend_is_one_of_the_exact_ones():
     assert fastest_backend() in BACKENDS
+
+
+def test_large_narrow_int8_weights_are_packed_and_multiply_exactly_at_the_bound():
+    """The packed GEMM answers in float32, exact below 2^24: PACKED_MAX_INNER_DIM limbs of 127 times weights of
+    +-127 sum to 1024 * 127^2, just under it. Small weights and wider ones keep torch._int_mm's layout."""
+    columns = PACK_FROM_BYTES // PACKED_MAX_INNER_DIM + 2
+    weight = torch.full((PACKED_MAX_INNER_DIM, columns), 127, dtype=torch.int8)
+    weight[:, 1::2] = -127
+    kept = product_weight(weight, "int8")
+    assert isinstance(kept, PackedInt8Weight) == packing_available()
+    if {"avx512_vnni", "amx_int8"} & set(open("/proc/cpuinfo").read().split()):
+        assert packing_available()  # oneDNN has int8 kernels for these CPUs (this project's)
+    assert isinstance(product_weight(weight[:, :64], "int8"), torch.Tensor)
+    assert isinstance(product_weight(torch.ones(PACKED_MAX_INNER_DIM + 1, columns, dtype=torch.int8), "int8"), torch.Tensor)
+    # 2^28 - 1: four limbs of 127, each limb's product at the bound; P - 1: every limb but the lowest at 127
+    rows = torch.tensor([[2**28 - 1] * PACKED_MAX_INNER_DIM, [P - 1] * PACKED_MAX_INNER_DIM])
+    expected = [[(value * PACKED_MAX_INNER_DIM * 127 * sign) % P for sign in (1, -1)] for value in (2**28 - 1, P - 1)]
+    got = field_matmul(rows, kept, "int8")
+    assert got[:, :2].tolist() == expected and torch.equal(got, field_matmul(rows, weight, "int8"))
+    signed = torch.tensor([[65535] * PACKED_MAX_INNER_DIM, [-65535] * PACKED_MAX_INNER_DIM])
+    assert signed_matmul(signed, kept, "int8")[:, :2].tolist() == [[65535 * PACKED_MAX_INNER_DIM * 127 * s for s in (1, -1)],
+                                                                   [-65535 * PACKED_MAX_INNER_DIM * 127 * s for s in (1, -1)]]
 
 
 def test_the_centred_difference_is_the_signed_residue_of_a_minus_b():

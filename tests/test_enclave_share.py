@@ -12,7 +12,7 @@ import torch
 import secureinfer
 from secureinfer.attacks.tamper import MODES, run_tamper_attack
 from secureinfer.attacks.view import DeviceView
-from secureinfer.crypto.field import BACKENDS, BYTE_LIMBS_FROM, CHUNK, HORNER_FROM, product_weight, signed_matmul
+from secureinfer.crypto.field import BACKENDS, BYTE_LIMBS_FROM, CHUNK, HORNER_FROM, PACKED_MAX_INNER_DIM, product_weight, signed_matmul
 from secureinfer.crypto.quant import ACTIVATION_QMAX
 from secureinfer.errors import InvalidRequestError
 from secureinfer.model import load_checkpoint
@@ -22,7 +22,8 @@ from secureinfer.plan.costs import plan_costs
 PROMPT = "once upon a time"
 
 
-@pytest.mark.parametrize("inner", [CHUNK, 2 * CHUNK + 3])
+# one slice; three, the last ragged; the widest weight that is packed, once tiled past PACK_FROM_BYTES
+@pytest.mark.parametrize("inner", [CHUNK, 2 * CHUNK + 3, PACKED_MAX_INNER_DIM])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_clear_product_is_exact_at_the_extremes(backend, inner):
     rng = random.Random(2)

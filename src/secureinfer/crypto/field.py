@@ -21,6 +21,8 @@ Three exact routes compute the same integers; `fastest_backend` picks one per pr
   than float32 for one row (decode) and ~2.5x for 64 (prefill).
 On a CPU with AMX (this project's later machines), the int8 route is the fastest for one row: a 576 x 8192
 weight in ~0.7 ms against ~1.7 ms in float64 on one thread.
+The int8 route multiplies a large weight packed once for oneDNN's int8 GEMM where torch has that op
+(`PackedInt8Weight`), and otherwise calls `torch._int_mm`, which repacks its weight on every call.
 Every partial sum is an integer the float type holds exactly, so the result is exact in any summation
 order (a BLAS may block and reorder freely; none uses Strassen-like schemes, which would not be).
 """
@@ -67,6 +69,58 @@ PAIRED_LIMBS_UP_TO = 1024
 WEIGHT_DTYPES = {"int8": torch.int8, "float32": torch.float32, "float64": torch.float64}
 
 
+# oneDNN's int8 GEMM reorders its weight into a blocked layout on every call unless it is handed one packed ahead,
+# which torch._int_mm cannot be. The reorder shows for a large weight: SmolLM2's LM head half (576 x 24576, one
+# row, one thread, out of cache as in a decode step) takes 3.7 ms through torch._int_mm and 2.4 ms packed, where
+# a decoder layer's weights (<= 3 MiB) take the same time or less unpacked. So weights of PACK_FROM_BYTES or more
+# are packed.
+PACK_FROM_BYTES = 4 << 20
+# The packed GEMM returns float32, exact while every sum stays below 2^24: 1024 * 127 * 127 < 2^24 for the 7-bit
+# limbs of both routes. Wider weights are not packed (slicing them to fit cost more than the packing saved).
+PACKED_MAX_INNER_DIM = 1024
+
+
+class PackedInt8Weight:
+    """An int8 weight [in, out], in <= PACKED_MAX_INNER_DIM, packed for oneDNN's int8 GEMM (see `product_weight`).
+
+    It holds the same bytes as the weight, in oneDNN's own memory."""
+
+    def __init__(self, weight_t: Tensor):
+        if weight_t.shape[0] > PACKED_MAX_INNER_DIM:
+            raise ValueError(f"a packed weight has at most {PACKED_MAX_INNER_DIM} inputs, not {weight_t.shape[0]}")
+        self.shape = tuple(weight_t.shape)
+        self.nbytes = weight_t.numel()
+        self._packed = torch.ops.onednn.qlinear_prepack(weight_t.t().contiguous(), None)
+        self._unit_scales = torch.ones(self.shape[1])
+        self._zero_points = torch.zeros(self.shape[1], dtype=torch.int64)
+
+    def int_mm(self, limbs: Tensor) -> Tensor:
+        """limbs int8 [n, in] times the weight, as the int32 `torch._int_mm` returns; exact (PACKED_MAX_INNER_DIM)."""
+        product = torch.ops.onednn.qlinear_pointwise(
+            limbs, 1.0, 0, self._packed, self._unit_scales, self._zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+        )
+        return product.to(torch.int32)
+
+
+def _int_mm(limbs: Tensor, weight: Tensor | PackedInt8Weight) -> Tensor:
+    return weight.int_mm(limbs) if isinstance(weight, PackedInt8Weight) else torch._int_mm(limbs, weight)
+
+
+@functools.cache
+def packing_available() -> bool:
+    """Whether this torch has oneDNN's packed int8 GEMM, and it gives the exact integers at its bound: odd sums
+    just below +-2^24 (past it, float32 holds only even integers)."""
+    weight_t = torch.full((PACKED_MAX_INNER_DIM, 2), 127, dtype=torch.int8)
+    weight_t[:, 1] = -127
+    weight_t[0] = torch.tensor([126, -126])
+    try:
+        got = PackedInt8Weight(weight_t).int_mm(torch.full((3, PACKED_MAX_INNER_DIM), 127, dtype=torch.int8))
+    except (AttributeError, RuntimeError):  # no oneDNN in this build, or no int8 kernel on this CPU
+        return False
+    largest = PACKED_MAX_INNER_DIM * 127 * 127 - 127
+    return got.tolist() == [[largest, -largest]] * 3
+
+
 @functools.cache
 def _limb_scales(bits: int, count: int) -> tuple[Tensor, Tensor]:
     """Each limb's shift, [count, 1, 1], and its weight 2^(bits * i) as a float64 row [1, count]."""
@@ -81,11 +135,11 @@ def _exact_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
     bits, count = (LIMB_BITS, LIMBS) if backend == "int8" else (FLOAT_LIMB_BITS, FLOAT_LIMBS)
     shifts, scales = _limb_scales(bits, count)
     if backend == "int8" and rows.numel() >= BYTE_LIMBS_FROM:
-        partial = torch._int_mm(_limbs_from_bytes(rows), weight_t)
+        partial = _int_mm(_limbs_from_bytes(rows), weight_t)
     else:
         limbs = ((rows.unsqueeze(0) >> shifts) & ((1 << bits) - 1)).view(-1, rows.shape[-1])
         if backend == "int8":
-            partial = torch._int_mm(limbs.to(torch.int8), weight_t)
+            partial = _int_mm(limbs.to(torch.int8), weight_t)
         else:  # exact integers below 2^24, so the int32 copy loses nothing
             partial = (limbs.to(torch.float32) @ weight_t.to(torch.float32)).to(torch.int32)
     # Recombine sum_i 2^(bits * i) * partial_i. Exact in float64 and in int64: every partial sum of it, in any
@@ -129,7 +183,7 @@ def _limbs_from_bytes(rows: Tensor, count: int = LIMBS, signed_top: bool = False
 SIGNED_LIMBS = 3  # a signed activation |x| < 2^16: two low limbs and a signed top limb, |top| <= 2^(16 - 2 * bits)
 
 
-def signed_matmul(values: Tensor, weight_t: Tensor, backend: str | None = None) -> Tensor:
+def signed_matmul(values: Tensor, weight_t: Tensor | PackedInt8Weight, backend: str | None = None) -> Tensor:
     """values @ weight_t exactly, as float64, for int64 values with |v| < 2^16 (quantized activations in the clear).
 
     The field product's routes on three limbs instead of five, and no reduction mod P: limbs (v >> bits*i) & mask
@@ -146,14 +200,14 @@ def _signed_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
         # A prefill: limbs cut from bytes, and the two high limbs' products joined in int32 first, where they fit:
         # |p1 + 2^7 p2| <= 2048 * 127 * (127 + 2^7 * 4) < 2^31. 512 x 576 by 480 columns: 5.5 -> 1.9 ms.
         limbs = _limbs_from_bytes(rows, SIGNED_LIMBS, signed_top=True)
-        partial = torch._int_mm(limbs, weight_t).view(SIGNED_LIMBS, rows.shape[0], -1)
+        partial = _int_mm(limbs, weight_t).view(SIGNED_LIMBS, rows.shape[0], -1)
         high = torch.add(partial[1], partial[2], alpha=1 << LIMB_BITS)
         return torch.add(partial[0].to(torch.float64), high.to(torch.float64), alpha=1 << LIMB_BITS)
     bits = LIMB_BITS if backend == "int8" else FLOAT_LIMB_BITS
     shifts, masks, scales = _signed_limb_scales(bits)
     limbs = ((rows.unsqueeze(0) >> shifts) & masks).view(-1, rows.shape[-1])
     if backend == "int8":
-        partial = torch._int_mm(limbs.to(torch.int8), weight_t)
+        partial = _int_mm(limbs.to(torch.int8), weight_t)
     else:  # exact integers below 2^24, as in the field product
         partial = limbs.to(torch.float32) @ weight_t.to(torch.float32)
     partial = partial.view(SIGNED_LIMBS, rows.shape[0], -1)
@@ -173,37 +227,45 @@ def _signed_limb_scales(bits: int) -> tuple[Tensor, Tensor, Tensor]:
     return shifts.view(-1, 1, 1), masks.view(-1, 1, 1), (2.0**shifts).to(torch.float64).view(1, -1)
 
 
-def product_weight(weight_t: Tensor, backend: str | None = None) -> Tensor:
+def product_weight(weight_t: Tensor, backend: str | None = None) -> Tensor | PackedInt8Weight:
     """An int8 weight [in, out] as the backend's product reads it fastest, for a caller that keeps it.
 
-    The float routes read a copy in their float type. The int8 route reads the same int8 values laid out
-    [out, in] in memory (a transposed view): oneDNN's int8 GEMM runs ~1.6x faster on that layout for a
-    few rows (measured on AMX: the 576 x 49152 LM head in 3.6 ms against 5.9 ms at five limb rows).
+    The float routes read a copy in their float type. The int8 route reads it packed (`PackedInt8Weight`) where
+    oneDNN can pack it, else the same int8 values laid out [out, in] in memory (a transposed view), on which
+    `torch._int_mm` runs ~1.6x faster for a few rows (the 576 x 49152 LM head: 3.6 against 5.9 ms).
     """
     backend = backend or fastest_backend()
     if backend == "int8":
-        return weight_t.t().contiguous().t()
+        packs = (
+            weight_t.numel() >= PACK_FROM_BYTES
+            and weight_t.shape[0] <= PACKED_MAX_INNER_DIM
+            and weight_t.device.type == "cpu"  # oneDNN packs for the CPU's kernel alone
+            and packing_available()
+        )
+        return PackedInt8Weight(weight_t) if packs else weight_t.t().contiguous().t()
     return weight_t.to(WEIGHT_DTYPES[backend])
 
 
-def field_matmul(values: Tensor, weight_t: Tensor, backend: str | None = None) -> Tensor:
-    """(values @ weight_t) mod P, exact. values: int64 [n, d] in [0, P); weight_t: int8 [d, out], or its copy
-    in the backend's float type (`WEIGHT_DTYPES`), which a caller that multiplies by it often keeps to save
-    converting the weight on every call.
+def field_matmul(values: Tensor, weight_t: Tensor | PackedInt8Weight, backend: str | None = None) -> Tensor:
+    """(values @ weight_t) mod P, exact. values: int64 [n, d] in [0, P); weight_t: int8 [d, out], or the copy
+    `product_weight` makes for the backend, which a caller that multiplies by it often keeps to save converting
+    the weight on every call.
 
     `backend`: "int8", "float32" or "float64" (see the module docstring); by default the fastest on this CPU.
     """
     return _sliced(_exact_product, values, weight_t, backend).remainder_(P).view(*values.shape[:-1], -1)
 
 
-def _sliced(product: Callable[[Tensor, Tensor, str], Tensor], values: Tensor, weight_t: Tensor, backend: str | None) -> Tensor:
+def _sliced(
+    product: Callable[[Tensor, Tensor, str], Tensor], values: Tensor, weight_t: Tensor | PackedInt8Weight, backend: str | None
+) -> Tensor:
     """`product` of values [..., d] as rows [n, d] with weight_t [d, out], summed over CHUNK-wide slices of d."""
     inner = values.shape[-1]
     if inner > MAX_INNER_DIM:
         raise ValueError(f"inner dimension {inner} exceeds {MAX_INNER_DIM}, where exactness is proven")
     rows = values.reshape(-1, inner)
     backend = backend or fastest_backend()
-    if inner <= CHUNK:  # every layer of most small models: no slicing on the decode path
+    if inner <= CHUNK:  # every layer of most small models, and every packed weight: no slicing on the decode path
         return product(rows, weight_t, backend)
     total = product(rows[:, :CHUNK], weight_t[:CHUNK], backend)
     for start in range(CHUNK, inner, CHUNK):
@@ -227,11 +289,11 @@ def fastest_backend() -> str:
     timings = {}
     for backend in BACKENDS:
         weight = product_weight(weight_t, backend)
-        _exact_product(row, weight, backend)  # warm-up
+        field_matmul(row, weight, backend)  # warm-up
         runs = []
         for _ in range(5):
             began = time.perf_counter()
-            _exact_product(row, weight, backend)
+            field_matmul(row, weight, backend)
             runs.append(time.perf_counter() - began)
         timings[backend] = min(runs)  # the least disturbed run on a shared machine
     return min(timings, key=timings.get)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..channel.wire import ERROR, OK, Tensors
-from ..crypto.field import product_weight
+from ..crypto.field import PackedInt8Weight, product_weight
 from ..errors import SecureInferError
 from ..model.config import ModelConfig
 from ..model.kernels import KERNELS, StepContext, blinded_product, run_ops
@@ -65,9 +65,9 @@ class DeviceEndpoint:
         self.rope: tuple[Tensor, Tensor] | None = None
         self.weights: Tensors = {}
         # What the kernels read: the weights as held, except that an int8 weight the field product reads is
-        # replaced by a copy laid out for that product (`product_weight`): converting every weight on every
-        # call would cost more than the product itself.
-        self.compute_weights: Tensors = {}
+        # replaced by a copy packed or laid out for that product (`product_weight`): converting every weight on
+        # every call would cost more than the product itself.
+        self.compute_weights: dict[str, Tensor | PackedInt8Weight] = {}
         self.aliases: dict[str, str] = {}  # alias -> the name it shares a tensor with (tied embeddings)
         self.cache: KVCache | None = None
         self.cache_layers: list[int] = []
@@ -154,7 +154,7 @@ class DeviceEndpoint:
             weight = compute = tensor.to(self.device)
             if name.endswith(".q") and weight.dtype == torch.int8:
                 compute = product_weight(weight)
-                if compute.dtype == weight.dtype:  # the int8 route's copy: the same values, only laid out [out, in]
+                if isinstance(compute, Tensor) and compute.dtype == weight.dtype:  # the same values laid out [out, in]
                     weight = compute  # so hold that one alone (a 1.4B model's blinded weights: 1.3 GB, not 2.6)
             self.weights[name], self.compute_weights[name] = weight, compute
             self.aliases.pop(name, None)

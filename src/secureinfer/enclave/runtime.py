@@ -20,7 +20,7 @@ from torch import Tensor
 from ..channel import Channel, DeviceError
 from ..errors import IntegrityError, InvalidRequestError
 from ..model.config import ModelConfig
-from ..crypto.field import P, centred_difference, product_weight, signed_matmul
+from ..crypto.field import P, PackedInt8Weight, centred_difference, product_weight, signed_matmul
 from ..crypto.freivalds import FreivaldsCheck, verify_products
 from ..crypto.head_permutation import HeadPermutation
 from ..crypto.kv_mixing import KVMixing
@@ -96,14 +96,15 @@ class EnclaveRuntime:
             if name not in enclave_aliases
         }
         self.weights.update({alias: self.weights[target] for alias, target in enclave_aliases.items()})
-        # The enclave's columns stay int8 (enclave memory is what is scarce), laid out as the int8 route reads them.
-        self._own_weights = {
-            name.removesuffix(".q"): self.memory.hold(
-                f"weight:{name}.own", self.secret.copy(product_weight(stored[name][:, columns:], "int8"))
-            )
-            for name, columns in device_columns.items()
-            if columns < stored[name].shape[1]
-        }
+        # The enclave's columns stay int8 (enclave memory is what is scarce), as the int8 route reads them: packed by
+        # oneDNN, in its own memory rather than secret memory, which is safe because a blinded weight is the public
+        # model's (the device holds its other columns).
+        self._own_weights = {}
+        for name, columns in device_columns.items():
+            if columns < stored[name].shape[1]:
+                own = product_weight(stored[name][:, columns:], "int8")
+                self._own_weights[name.removesuffix(".q")] = own
+                self.memory.observe(f"weight:{name}.own", own.nbytes if isinstance(own, PackedInt8Weight) else own.numel())
         self._device_weights = {name: device_part(name).contiguous() for name in plan.stored_weights(DEVICE)}
         self.head_key: HeadPermutation | None = None
         self.kv_mixing: KVMixing | None = None
