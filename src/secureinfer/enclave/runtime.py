@@ -17,15 +17,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..channel import Channel, DeviceError
+from ..channel import Channel, DeviceError, DeviceProtocolError
 from ..errors import IntegrityError, InvalidRequestError
 from ..model.config import ModelConfig
-from ..crypto.field import P, PackedInt8Weight, centred_difference, product_weight, signed_matmul
+from ..crypto.blind import blind, native_status, unblind
+from ..crypto.field import PackedInt8Weight, product_weight, signed_matmul
 from ..crypto.freivalds import FreivaldsCheck, verify_products
 from ..crypto.head_permutation import HeadPermutation
 from ..crypto.kv_mixing import KVMixing
 from ..crypto.pads import PadPool
-from ..crypto.quant import QuantizedWeight, dequantize_product, quantize_activation, quantize_weight
+from ..crypto.quant import QuantizedWeight, quantize_weight
 from ..crypto.seal import SealStats
 from ..model.kernels import StepContext, flat_weights, run_ops, store_projection, with_adapter
 from ..model.llama import KVCache, LlamaWeights, rope_tables
@@ -287,11 +288,9 @@ class EnclaveRuntime:
         ((op, layer),) = segment.ops
         (name,) = weight_names(op, layer)
         x = values[OPS[op].reads[0]]
-        q, row_scale = quantize_activation(x)
-        rows = q.reshape(-1, q.shape[-1])
-        r, u = self.pads.take(name, rows.shape[0])
+        r, u = self.pads.take(name, x.numel() // x.shape[-1])
         self.memory.observe("pads", self.pads.held_bytes())  # the pool is enclave memory too
-        padded = torch.add(rows, r).remainder_(P)  # rows lie in [-QMAX, QMAX]: one reduction lands the sum in [0, P)
+        rows, row_scale, padded = blind(x, r)
         # Pads generated inside `take` are offline work, reported apart in the pad stats.
         self.enclave_compute_s += time.perf_counter() - began - (self.pads.stats.stall_s - stalled_before)
         own_weight, own = self._own_weights.get(name), []
@@ -312,19 +311,19 @@ class EnclaveRuntime:
             while_waiting=while_device_multiplies if own_weight is not None or check_now else None,
         )  # fmt: skip
         began = time.perf_counter()
-        y = returned["y"]
+        y = returned.get("y")
+        malformed = not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != u.shape
         if name in self.checks:
             self._unchecked.append((name, padded, y))
-            if y.dtype != torch.int64 or y.shape != u.shape:  # cannot even be unpadded: fail it now
+            if malformed:  # cannot even be unpadded: fail it now
                 self._check_products()
-        product = centred_difference(y, u)
-        if own:  # the enclave's columns follow the device's (see __init__); each converted as it is copied in
-            joined = product.new_empty((product.shape[0], product.shape[1] + own[0].shape[1]), dtype=torch.float64)
-            joined[:, : product.shape[1]].copy_(product)
-            joined[:, product.shape[1] :].copy_(own[0])
-            product = joined
+        if malformed:
+            raise DeviceProtocolError(
+                f"the device answered the {name} product with {_describe(y)} instead of int64 {list(u.shape)}"
+            )
+        # The enclave's columns follow the device's (see __init__).
+        product = unblind(y, u, own[0] if own else None, row_scale, self._quantized[name])
         product = product.view(*x.shape[:-1], -1)
-        product = dequantize_product(product, row_scale, self._quantized[name])
         store_projection(op, values, with_adapter(product, x, self.weights, name), ctx)
         self.enclave_compute_s += time.perf_counter() - began
 
@@ -367,6 +366,7 @@ class EnclaveRuntime:
             "pads": vars(self.pads.stats) | {"held_bytes": self.pads.held_bytes()},
             "hardening": {**self.process_hardening, **self.secret.report()},
             "integrity": dict(self.integrity),
+            "blind_kernels": native_status(),
             "sealed_kv": self._sealing_report(),
         }
 
@@ -390,6 +390,10 @@ class EnclaveRuntime:
             self.sealed_cache.sealer.seal_stats = SealStats()
         if self.channel:
             self.channel.counters.reset()
+
+
+def _describe(value: object) -> str:
+    return f"{value.dtype} {list(value.shape)}" if isinstance(value, Tensor) else "no tensor y"
 
 
 __all__ = ["EnclaveRuntime"]
