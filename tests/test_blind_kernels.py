@@ -10,16 +10,19 @@ import secureinfer
 from scheme_runs import forward_logits
 from secureinfer.channel import DeviceProtocolError
 from secureinfer.crypto import blind as blinding
-from secureinfer.crypto.blind import blind, native_status, unblind
-from secureinfer.crypto.field import P
+from secureinfer.crypto.blind import KERNELS, blind, unblind
+from secureinfer.crypto.field import FIELD_KERNELS, P
 from secureinfer.crypto.quant import activation_qmax, quantize_weight
 from secureinfer.model import load_checkpoint
 
 PROMPT = "once upon a time in a land"
 
 
-def test_the_kernels_build_here():
-    assert native_status() == {"native": True, "reason": "built"}  # g++ and ninja are on this project's machines
+def test_the_kernels_build_here(tiny_gguf):
+    with secureinfer.load(tiny_gguf, "secureinfer", channel="inprocess", progress=False) as lm:
+        compiled = lm.stats()["compiled_kernels"]
+    # g++ and ninja are on this project's machines
+    assert compiled == {source: {"compiled": True, "reason": "built"} for source in (KERNELS, FIELD_KERNELS)}
 
 
 def _activations(width: int) -> torch.Tensor:

@@ -1,48 +1,28 @@
 """The enclave's two steps around each outsourced product: blind (quantize, add the pad) and unblind (take the
 pad's product off, join the enclave's own columns, rescale).
 
-A decode step runs them 121 times a token on one row each, so their cost is the number of small torch ops,
-not arithmetic: ~25 ops, ~40 us alone and ~150 us in a decode run, where each waits on the product before or
-after it. `blind_kernels.cpp` does each step in one pass; it is compiled once per machine (torch's C++
-extension build, cached) and used where it builds, with these same steps in torch otherwise. The two give the
-same bits (tests), so `plain-int8`, which quantizes and rescales in torch, still matches every blinded scheme.
+Together they are ~25 small torch ops a product, ~40 us alone and ~150 us in a decode run, where each waits on
+the product before or after it. `blind_kernels.cpp` does each in one pass (see `native`), with these same
+steps in torch where it cannot build. The two give the same bits (tests), so `plain-int8`, which quantizes
+and rescales in torch, still matches every blinded scheme.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import subprocess
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from .field import P, centred_difference
+from .native import build
 from .quant import QuantizedWeight, activation_qmax, dequantize_product, quantize_activation
 
-KERNELS_SOURCE = Path(__file__).with_name("blind_kernels.cpp")
-# Set to 0 to run the torch steps (to compare, or where no C++ compiler may run).
-NATIVE_ENV = "SECUREINFER_NATIVE"
+KERNELS = "blind_kernels.cpp"
 
 
-@functools.cache
 def native_kernels() -> ModuleType | None:
-    """The compiled kernels, built on first use (~25 s, then cached by torch), or None where they cannot be."""
-    return _build()[0]
-
-
-@functools.cache
-def _build() -> tuple[ModuleType | None, str]:
-    if os.environ.get(NATIVE_ENV, "1") == "0":
-        return None, f"{NATIVE_ENV}=0"
-    from torch.utils.cpp_extension import load
-
-    try:
-        return load("secureinfer_blind_kernels", [str(KERNELS_SOURCE)], extra_cflags=["-O3"], verbose=False), "built"
-    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as error:  # no compiler or ninja, a failed build
-        return None, f"{type(error).__name__}: {error}"[:300]
+    return build(KERNELS)[0]
 
 
 def _kernels(native: bool | None) -> ModuleType | None:
@@ -51,14 +31,8 @@ def _kernels(native: bool | None) -> ModuleType | None:
         return None
     kernels = native_kernels()
     if native and kernels is None:
-        raise RuntimeError(f"the compiled blinding kernels are unavailable: {_build()[1]}")
+        raise RuntimeError(f"the compiled blinding kernels are unavailable: {build(KERNELS)[1]}")
     return kernels
-
-
-def native_status() -> dict:
-    """Whether the blinding steps run compiled, and why not if they do not (reported in `SecureLM.stats()`)."""
-    kernels, reason = _build()
-    return {"native": kernels is not None, "reason": reason}
 
 
 def blind(x: Tensor, r: Tensor, native: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:

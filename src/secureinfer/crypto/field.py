@@ -31,10 +31,13 @@ from __future__ import annotations
 
 import functools
 import time
+from types import ModuleType
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from .native import build
 
 P = 2**35 - 31
 LIMB_BITS = 7
@@ -183,6 +186,19 @@ def _limbs_from_bytes(rows: Tensor, count: int = LIMBS, signed_top: bool = False
 SIGNED_LIMBS = 3  # a signed activation |x| < 2^16: two low limbs and a signed top limb, |top| <= 2^(16 - 2 * bits)
 
 
+FIELD_KERNELS = "field_kernels.cpp"
+
+
+def _compiled_route(values: Tensor, weight_t: Tensor | PackedInt8Weight, backend: str | None) -> ModuleType | None:
+    """The int8 route compiled (`field_kernels.cpp`) for a decode step's few rows, where it built: one call
+    instead of ~15 small torch ops. A packed weight, a wider product or many rows take the torch steps."""
+    if values.numel() >= BYTE_LIMBS_FROM or values.shape[-1] > CHUNK or not isinstance(weight_t, Tensor):
+        return None
+    if weight_t.dtype != torch.int8 or weight_t.device.type != "cpu" or (backend or fastest_backend()) != "int8":
+        return None
+    return build(FIELD_KERNELS)[0]
+
+
 def signed_matmul(values: Tensor, weight_t: Tensor | PackedInt8Weight, backend: str | None = None) -> Tensor:
     """values @ weight_t exactly, as float64, for int64 values with |v| < 2^16 (quantized activations in the clear).
 
@@ -190,6 +206,9 @@ def signed_matmul(values: Tensor, weight_t: Tensor | PackedInt8Weight, backend: 
     for the two low ones and v >> 2*bits, signed, for the top one (|top| <= 4 for int8, 16 for float32), so every
     bound of the module docstring holds, and the float64 recombination, below 2^16 * 2048 * 127 < 2^53, is exact.
     """
+    if (kernels := _compiled_route(values, weight_t, backend)) is not None:
+        rows = values.reshape(-1, values.shape[-1]).contiguous()
+        return kernels.signed_product(rows, weight_t, SIGNED_LIMBS).view(*values.shape[:-1], -1)
     return _sliced(_signed_product, values, weight_t, backend).view(*values.shape[:-1], -1)
 
 
@@ -253,6 +272,9 @@ def field_matmul(values: Tensor, weight_t: Tensor | PackedInt8Weight, backend: s
 
     `backend`: "int8", "float32" or "float64" (see the module docstring); by default the fastest on this CPU.
     """
+    if (kernels := _compiled_route(values, weight_t, backend)) is not None:
+        rows = values.reshape(-1, values.shape[-1]).contiguous()
+        return kernels.field_product(rows, weight_t, LIMBS, P).view(*values.shape[:-1], -1)
     return _sliced(_exact_product, values, weight_t, backend).remainder_(P).view(*values.shape[:-1], -1)
 
 

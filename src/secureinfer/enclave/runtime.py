@@ -20,7 +20,7 @@ from torch import Tensor
 from ..channel import Channel, DeviceError, DeviceProtocolError
 from ..errors import IntegrityError, InvalidRequestError
 from ..model.config import ModelConfig
-from ..crypto.blind import blind, native_status, unblind
+from ..crypto import blind, field, native
 from ..crypto.field import PackedInt8Weight, product_weight, signed_matmul
 from ..crypto.freivalds import FreivaldsCheck, verify_products
 from ..crypto.head_permutation import HeadPermutation
@@ -290,7 +290,7 @@ class EnclaveRuntime:
         x = values[OPS[op].reads[0]]
         r, u = self.pads.take(name, x.numel() // x.shape[-1])
         self.memory.observe("pads", self.pads.held_bytes())  # the pool is enclave memory too
-        rows, row_scale, padded = blind(x, r)
+        rows, row_scale, padded = blind.blind(x, r)
         # Pads generated inside `take` are offline work, reported apart in the pad stats.
         self.enclave_compute_s += time.perf_counter() - began - (self.pads.stats.stall_s - stalled_before)
         own_weight, own = self._own_weights.get(name), []
@@ -322,7 +322,7 @@ class EnclaveRuntime:
                 f"the device answered the {name} product with {_describe(y)} instead of int64 {list(u.shape)}"
             )
         # The enclave's columns follow the device's (see __init__).
-        product = unblind(y, u, own[0] if own else None, row_scale, self._quantized[name])
+        product = blind.unblind(y, u, own[0] if own else None, row_scale, self._quantized[name])
         product = product.view(*x.shape[:-1], -1)
         store_projection(op, values, with_adapter(product, x, self.weights, name), ctx)
         self.enclave_compute_s += time.perf_counter() - began
@@ -366,7 +366,7 @@ class EnclaveRuntime:
             "pads": vars(self.pads.stats) | {"held_bytes": self.pads.held_bytes()},
             "hardening": {**self.process_hardening, **self.secret.report()},
             "integrity": dict(self.integrity),
-            "blind_kernels": native_status(),
+            "compiled_kernels": {source: native.status(source) for source in (blind.KERNELS, field.FIELD_KERNELS)},
             "sealed_kv": self._sealing_report(),
         }
 
