@@ -79,3 +79,15 @@ def real_hf_model():
 
     path = default_model_path()
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def int8_route(request, monkeypatch):
+    """Run a test on the int8 route's few-row compiled kernel (which builds here), then on its torch steps."""
+    from secureinfer.crypto import field
+
+    if request.param == "compiled":
+        assert field.build(field.FIELD_KERNELS)[0] is not None, field.build(field.FIELD_KERNELS)[1]
+    else:
+        monkeypatch.setattr(field, "_compiled_route", lambda values, weight_t, backend: None)
+    return request.param

@@ -17,7 +17,6 @@ from secureinfer.attacks.traffic import regression_r_squared, uniformity_p_value
 from secureinfer.crypto.field import (
     BACKENDS, BYTE_LIMBS_FROM, CHUNK, HORNER_FROM, MAX_INNER_DIM, PACK_FROM_BYTES, PACKED_MAX_INNER_DIM, PAIRED_LIMBS_UP_TO, PackedInt8Weight, _limbs_from_bytes, P, centred_difference, fastest_backend, field_matmul, packing_available, product_weight, signed_matmul, to_signed,
 )
-from secureinfer.crypto import field
 from secureinfer.crypto.pads import PadPool, uniform_field
 from secureinfer.crypto.quant import ACTIVATION_QMAX, activation_qmax, int8_linear, quantize_activation, quantize_weight
 from secureinfer.model import load_checkpoint
@@ -28,12 +27,7 @@ PROMPTS = ["the cat and the dog", "once upon a time in a land", "is it on"]
 # one slice; three, the last ragged; the widest whose int8 limb products pair up in int32 (many rows)
 @pytest.mark.parametrize("inner", [CHUNK, 2 * CHUNK + 3, PAIRED_LIMBS_UP_TO])
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("compiled", [True, False])  # the int8 route's few-row kernel, or its torch steps
-def test_field_product_is_exact_at_the_extremes(backend, inner, compiled, monkeypatch):
-    if not compiled:
-        monkeypatch.setattr(field, "_compiled_route", lambda values, weight_t, backend: None)
-    elif backend == "int8" and inner <= CHUNK:
-        assert field._compiled_route(torch.zeros(5, inner, dtype=torch.int64), torch.zeros(inner, 4, dtype=torch.int8), backend)
+def test_field_product_is_exact_at_the_extremes(backend, inner, int8_route):
     rng = random.Random(0)
     # 2^30 - 1 fills every 6- and 7-bit limb below the top one; the last weight column sums them all with one sign.
     # P // 2 and P // 2 + 1 are the largest centred values (+-(P - 1) / 2): the float64 route's worst case.

@@ -12,7 +12,6 @@ import torch
 import secureinfer
 from secureinfer.attacks.tamper import MODES, run_tamper_attack
 from secureinfer.attacks.view import DeviceView
-from secureinfer.crypto import field
 from secureinfer.crypto.field import BACKENDS, BYTE_LIMBS_FROM, CHUNK, HORNER_FROM, PACKED_MAX_INNER_DIM, product_weight, signed_matmul
 from secureinfer.crypto.quant import ACTIVATION_QMAX
 from secureinfer.errors import InvalidRequestError
@@ -26,12 +25,7 @@ PROMPT = "once upon a time"
 # one slice; three, the last ragged; the widest weight that is packed, once tiled past PACK_FROM_BYTES
 @pytest.mark.parametrize("inner", [CHUNK, 2 * CHUNK + 3, PACKED_MAX_INNER_DIM])
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("compiled", [True, False])  # the int8 route's few-row kernel, or its torch steps
-def test_the_clear_product_is_exact_at_the_extremes(backend, inner, compiled, monkeypatch):
-    if not compiled:
-        monkeypatch.setattr(field, "_compiled_route", lambda values, weight_t, backend: None)
-    elif backend == "int8" and inner <= CHUNK:
-        assert field._compiled_route(torch.zeros(5, inner, dtype=torch.int64), torch.zeros(inner, 4, dtype=torch.int8), backend)
+def test_the_clear_product_is_exact_at_the_extremes(backend, inner, int8_route):
     rng = random.Random(2)
     # +-65535 fill every limb (the top one at its most negative, -4 for 7-bit limbs); 2^14 - 1 only the low two
     rows = [[ACTIVATION_QMAX] * inner, [-ACTIVATION_QMAX] * inner, [2**14 - 1] * inner, [-(2**14)] * inner,
