@@ -97,13 +97,15 @@ class EnclaveRuntime:
             if name not in enclave_aliases
         }
         self.weights.update({alias: self.weights[target] for alias, target in enclave_aliases.items()})
-        # The enclave's columns stay int8 (enclave memory is what is scarce), as the int8 route reads them: packed by
-        # oneDNN, in its own memory rather than secret memory, which is safe because a blinded weight is the public
-        # model's (the device holds its other columns).
+        # The enclave's columns stay int8 (enclave memory is what is scarce), as the int8 route reads them, in secret
+        # memory; a packed one (the LM head's) in oneDNN's own memory instead, which is safe because a blinded weight
+        # is the public model's (the device holds its other columns).
         self._own_weights = {}
         for name, columns in device_columns.items():
             if columns < stored[name].shape[1]:
                 own = product_weight(stored[name][:, columns:], "int8")
+                if not isinstance(own, PackedInt8Weight):
+                    own = self.secret.copy(own)  # stays laid out [out, in]
                 self._own_weights[name.removesuffix(".q")] = own
                 self.memory.observe(f"weight:{name}.own", own.nbytes if isinstance(own, PackedInt8Weight) else own.numel())
         self._device_weights = {name: device_part(name).contiguous() for name in plan.stored_weights(DEVICE)}
