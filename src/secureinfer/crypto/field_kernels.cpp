@@ -26,6 +26,14 @@ torch::Tensor limbs_of(const torch::Tensor& values, int64_t count, bool signed_t
   return limbs;
 }
 
+// sum_k 2^(7k) partial[k] for output e of limb-major int32 partial products ([count * n * out]), Horner-wise:
+// |total| <= 2048 * 127 * p < 2^53 for the field route and < 2^16 * 2048 * 127 for the signed one, no overflow.
+int64_t recombine(const int32_t* partial, int64_t per_limb, int64_t e, int64_t limb_count) {
+  int64_t total = 0;
+  for (int64_t k = limb_count - 1; k >= 0; k--) total = total * (1 << kLimbBits) + partial[k * per_limb + e];
+  return total;
+}
+
 }  // namespace
 
 // (rows @ weight_t) mod p for rows int64 [n, d] in [0, p) and weight_t int8 [d, out] (any layout _int_mm takes).
@@ -37,9 +45,7 @@ torch::Tensor field_product(const torch::Tensor& rows, const torch::Tensor& weig
   const int32_t* ps = partial.data_ptr<int32_t>();
   int64_t* out = product.data_ptr<int64_t>();
   for (int64_t e = 0; e < n * out_features; e++) {
-    int64_t total = 0;  // |total| <= 2048 * 127 * p < 2^53: no overflow
-    for (int64_t k = limb_count - 1; k >= 0; k--) total = total * (1 << kLimbBits) + ps[k * n * out_features + e];
-    total %= p;
+    const int64_t total = recombine(ps, n * out_features, e, limb_count) % p;
     out[e] = total < 0 ? total + p : total;
   }
   return product;
@@ -54,9 +60,7 @@ torch::Tensor signed_product(const torch::Tensor& rows, const torch::Tensor& wei
   const int32_t* ps = partial.data_ptr<int32_t>();
   double* out = product.data_ptr<double>();
   for (int64_t e = 0; e < n * out_features; e++) {
-    int64_t total = 0;  // |total| < 2^16 * 2048 * 127 < 2^53: exact as a double
-    for (int64_t k = limb_count - 1; k >= 0; k--) total = total * (1 << kLimbBits) + ps[k * n * out_features + e];
-    out[e] = static_cast<double>(total);
+    out[e] = static_cast<double>(recombine(ps, n * out_features, e, limb_count));  // < 2^53: exact as a double
   }
   return product;
 }

@@ -107,7 +107,7 @@ class EnclaveRuntime:
                 if not isinstance(own, PackedInt8Weight):
                     own = self.secret.copy(own)  # stays laid out [out, in]
                 self._own_weights[name.removesuffix(".q")] = own
-                self.memory.observe(f"weight:{name}.own", own.nbytes if isinstance(own, PackedInt8Weight) else own.numel())
+                self.memory.observe(f"weight:{name}.own", own.nbytes)
         self._device_weights = {name: device_part(name).contiguous() for name in plan.stored_weights(DEVICE)}
         self.head_key: HeadPermutation | None = None
         self.kv_mixing: KVMixing | None = None
