@@ -15,7 +15,7 @@ from gguf_fixtures import tiny_llama_config, tiny_llama_model, write_llama_gguf
 from scheme_runs import forward_logits, padded_batch
 from secureinfer.attacks.traffic import regression_r_squared, uniformity_p_value
 from secureinfer.crypto.field import (
-    BACKENDS, BYTE_LIMBS_FROM, CHUNK, HORNER_FROM, MAX_INNER_DIM, PACK_FROM_BYTES, PACKED_MAX_INNER_DIM, PAIRED_LIMBS_UP_TO, PackedInt8Weight, _limbs_from_bytes, P, centred_difference, fastest_backend, field_matmul, packing_available, product_weight, signed_matmul, to_signed,
+    BACKENDS, BYTE_LIMBS_FROM, CHUNK, HORNER_FROM, MAX_INNER_DIM, PACK_FROM_BYTES, PACKED_MAX_INNER_DIM, PAIRED_LIMBS_UP_TO, FIELD_KERNELS, LIMBS, SIGNED_LIMBS, PackedInt8Weight, _limbs_from_bytes, P, build, centred_difference, fastest_backend, field_matmul, packing_available, product_weight, signed_matmul, to_signed,
 )
 from secureinfer.crypto.pads import PadPool, uniform_field
 from secureinfer.crypto.quant import ACTIVATION_QMAX, activation_qmax, int8_linear, quantize_activation, quantize_weight
@@ -44,6 +44,52 @@ def test_field_product_is_exact_at_the_extremes(backend, inner, int8_route):
     assert got.numel() > HORNER_FROM and (got.view(len(rows), -1, 4) == torch.tensor(expected)[:, None]).all()
     with pytest.raises(ValueError, match="exceeds"):
         field_matmul(torch.zeros(1, MAX_INNER_DIM + 1, dtype=torch.int64), torch.zeros(MAX_INNER_DIM + 1, 1, dtype=torch.int8))
+
+
+def _has_vnni() -> bool:
+    return "avx512_vnni" in open("/proc/cpuinfo").read().split()
+
+
+# ragged widths (a partial last 64-byte lane, a lone one), ragged output counts (a partial last pass of 4)
+@pytest.mark.parametrize("inner", [1, 63, 65, 577])
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_compiled_few_row_products_are_exact_on_ragged_shapes(inner, rows, threads):
+    """One or two rows on one thread times a weight laid out [out, in] take the kernel's own vpdpbusd loop on a
+    VNNI CPU; a third row, two threads, or the other layout take torch._int_mm inside the kernel. Every one gives
+    the exact integers."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_compiled_few_row_products(inner, rows)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check_compiled_few_row_products(inner: int, rows: int) -> None:
+    kernels = build(FIELD_KERNELS)[0]
+    assert kernels is not None and kernels.dot_product_instructions() == _has_vnni()
+    rng = random.Random(inner * 10 + rows)
+    outputs = 13
+    weight = torch.tensor([[rng.choice((-127, 127, rng.randrange(-127, 128))) for _ in range(outputs)] for _ in range(inner)], dtype=torch.int8)
+    field_rows = [[rng.choice((0, 1, P - 1, 2**30 - 1, rng.randrange(P))) for _ in range(inner)] for _ in range(rows)]
+    field_rows[0] = [P - 1] * inner
+    signed_rows = [[rng.choice((-ACTIVATION_QMAX, ACTIVATION_QMAX, 0, -1, rng.randint(-ACTIVATION_QMAX, ACTIVATION_QMAX))) for _ in range(inner)] for _ in range(rows)]
+    signed_rows[-1] = [-ACTIVATION_QMAX] * inner
+    exact_field = [[sum(x * int(weight[k, j]) for k, x in enumerate(row)) % P for j in range(outputs)] for row in field_rows]
+    exact_signed = [[sum(x * int(weight[k, j]) for k, x in enumerate(row)) for j in range(outputs)] for row in signed_rows]
+    for layout in (product_weight(weight, "int8"), weight):  # [out, in] as kept, and [in, out]
+        assert kernels.field_product(torch.tensor(field_rows), layout, LIMBS, P).tolist() == exact_field
+        got = kernels.signed_product(torch.tensor(signed_rows), layout, SIGNED_LIMBS)
+        assert got.dtype == torch.float64 and got.tolist() == exact_signed
+
+
+def test_the_compiled_clear_product_refuses_values_it_cannot_cut():
+    kernels = build(FIELD_KERNELS)[0]
+    weight = product_weight(torch.ones(4, 2, dtype=torch.int8), "int8")
+    for value in (ACTIVATION_QMAX + 1, -(ACTIVATION_QMAX + 1)):
+        with pytest.raises(RuntimeError, match="takes \\|v\\| < 2\\^16"):
+            kernels.signed_product(torch.full((1, 4), value), weight, SIGNED_LIMBS)
 
 
 def test_many_rows_cut_their_limbs_from_bytes_and_stay_exact():
