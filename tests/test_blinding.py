@@ -112,7 +112,16 @@ def test_the_default_backend_is_one_of_the_exact_ones():
     assert fastest_backend() in BACKENDS
 
 
-def test_large_narrow_int8_weights_are_packed_and_multiply_exactly_at_the_bound():
+@pytest.fixture
+def two_threads():
+    """Products on two torch threads, where a large narrow weight is packed (on one, the VNNI loop reads it)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_large_narrow_int8_weights_are_packed_and_multiply_exactly_at_the_bound(two_threads):
     """The packed GEMM answers in float32, exact below 2^24: PACKED_MAX_INNER_DIM limbs of 127 times weights of
     +-127 sum to 1024 * 127^2, just under it. Small weights and wider ones keep torch._int_mm's layout."""
     columns = PACK_FROM_BYTES // PACKED_MAX_INNER_DIM + 2
@@ -120,6 +129,9 @@ def test_large_narrow_int8_weights_are_packed_and_multiply_exactly_at_the_bound(
     weight[:, 1::2] = -127
     kept = product_weight(weight, "int8")
     assert isinstance(kept, PackedInt8Weight) == packing_available()
+    torch.set_num_threads(1)  # a side of a blinded scheme: the compiled loop reads the weight laid out [out, in]
+    assert isinstance(product_weight(weight, "int8"), PackedInt8Weight) == (packing_available() and not _has_vnni())
+    torch.set_num_threads(2)
     if {"avx512_vnni", "amx_int8"} & set(open("/proc/cpuinfo").read().split()):
         assert packing_available()  # oneDNN has int8 kernels for these CPUs (this project's)
     assert isinstance(product_weight(weight[:, :64], "int8"), torch.Tensor)

@@ -246,12 +246,22 @@ def _signed_limb_scales(bits: int) -> tuple[Tensor, Tensor, Tensor]:
     return shifts.view(-1, 1, 1), masks.view(-1, 1, 1), (2.0**shifts).to(torch.float64).view(1, -1)
 
 
+def dot_loop_serves_few_rows() -> bool:
+    """Whether one or two rows here run `field_kernels.cpp`'s own AVX512-VNNI loop: it built, the CPU has the
+    instructions, and torch runs one thread (each side of a blinded scheme does). That loop reads a weight laid out
+    [out, in] faster than oneDNN's packed GEMM reads a packed one (the LM head's 576 x 24,576 half, one row, out of
+    cache: ~1.0 against 1.4-2.6 ms), so such a weight is then not packed."""
+    kernels = build(FIELD_KERNELS)[0]
+    return kernels is not None and torch.get_num_threads() == 1 and kernels.dot_product_instructions()
+
+
 def product_weight(weight_t: Tensor, backend: str | None = None) -> Tensor | PackedInt8Weight:
     """An int8 weight [in, out] as the backend's product reads it fastest, for a caller that keeps it.
 
     The float routes read a copy in their float type. The int8 route reads it packed (`PackedInt8Weight`) where
-    oneDNN can pack it, else the same int8 values laid out [out, in] in memory (a transposed view), on which
-    `torch._int_mm` runs ~1.6x faster for a few rows (the 576 x 49152 LM head: 3.6 against 5.9 ms).
+    oneDNN can pack it, unless the compiled kernel's own loop serves a decode step here; else the same int8
+    values laid out [out, in] in memory (a transposed view), which that loop reads, and on which `torch._int_mm`
+    runs ~1.6x faster for a few rows (the 576 x 49152 LM head: 3.6 against 5.9 ms).
     """
     backend = backend or fastest_backend()
     if backend == "int8":
@@ -259,6 +269,7 @@ def product_weight(weight_t: Tensor, backend: str | None = None) -> Tensor | Pac
             weight_t.numel() >= PACK_FROM_BYTES
             and weight_t.shape[0] <= PACKED_MAX_INNER_DIM
             and weight_t.device.type == "cpu"  # oneDNN packs for the CPU's kernel alone
+            and not dot_loop_serves_few_rows()
             and packing_available()
         )
         return PackedInt8Weight(weight_t) if packs else weight_t.t().contiguous().t()
