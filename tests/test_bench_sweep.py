@@ -100,6 +100,17 @@ def test_bench_cli_refuses_bad_lengths(tiny_gguf, tmp_path):
     assert "LLaMA-2-7B shape" in scaling_run.stdout and (tmp_path / "scaling.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_bench_out_gets_its_folder_made_first_and_a_folder_is_refused_before_any_work(tiny_gguf, tmp_path):
+    """A report the bench cannot write must fail before the minutes of measuring, not after them."""
+    out = tmp_path / "not" / "yet" / "scaling.json"
+    run = run_cli(["bench", "--scaling", "--model", str(tiny_gguf), "--out", str(out), "--quiet"])
+    assert run.returncode == 0, run.stderr
+    assert "LLaMA-2-7B shape" in out.read_text()
+    refused = run_cli(["bench", "--model", str(tiny_gguf), "--out", str(tmp_path), "--quiet"])
+    assert_one_line_error(refused, "is a directory")
+    assert "give the path of a JSON file" in refused.stderr and refused.stdout == ""
+
+
 def test_scaled_models_are_timed_beside_plain_in_groups_or_skipped_with_the_reason(tiny_checkpoint, monkeypatch):
     config = tiny_checkpoint.config
     # an FFN two field slices wide: blinded and checked exactly like any other (its inputs quantize more coarsely)

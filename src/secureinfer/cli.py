@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -534,10 +535,27 @@ def _audit(args) -> None:
     print("wrote " + ", ".join(str(f) for f in files))
 
 
+def _prepare_json_out(path: Path) -> None:
+    """Make the folder of a command's --out file before the command's work, not after it: a bench that cannot
+    write its report would otherwise lose minutes of measurements."""
+    if path.is_dir():
+        raise InvalidRequestError(f"--out {path} is a directory", "give the path of a JSON file to write, e.g. bench.json")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidRequestError(
+            f"cannot create the folder of --out {path}: {error.strerror}", "choose a path you can write to"
+        ) from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InvalidRequestError(f"cannot write --out {path}: permission denied", "choose a path you can write to")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.run in (_plan, _bench, _quality) and getattr(args, "out", None):
+            _prepare_json_out(Path(args.out))
         args.run(args)
     except SecureInferError as exc:
         print(f"secureinfer: error: {exc.problem}; {exc.fix}", file=sys.stderr)
