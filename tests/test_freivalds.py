@@ -51,6 +51,16 @@ def cases() -> list[Case]:
     return out
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def batch_route(request, monkeypatch):
+    """Run a batch test on the compiled check (128-bit sums, which builds here), then on the numpy limb route."""
+    if request.param == "compiled":
+        assert freivalds.build(freivalds.CHECK_KERNELS)[0] is not None, freivalds.build(freivalds.CHECK_KERNELS)[1]
+    else:
+        monkeypatch.setattr(freivalds, "build", lambda source: (None, "off"))
+    return request.param
+
+
 def test_correct_products_always_pass(cases):
     trials = 0
     for case in cases:
@@ -211,10 +221,10 @@ def test_s_is_fresh_for_every_instance(monkeypatch):
 def test_cost_accounting():
     check = FreivaldsCheck(torch.zeros(576, 1536, dtype=torch.int8), repetitions=2)
     assert check.macs(3) == 3 * (576 + 1536) * 2
-    assert check.nbytes == (576 + 1536) * 2 * 2 * 8
+    assert check.nbytes == (576 + 1536) * 2 * 8 + (576 + 1536) * 2 * 2 * 8  # s and W s, then their limbs
 
 
-def test_a_batch_passes_exactly_when_every_product_in_it_is_right(cases):
+def test_a_batch_passes_exactly_when_every_product_in_it_is_right(cases, batch_route):
     """verify_products over products of different weights and widths: right ones pass together; one wrong
     element anywhere, a wrong dtype, shape or an unreduced value fails the batch (the runtime then names it)."""
     gen = torch.Generator().manual_seed(7)
@@ -230,7 +240,7 @@ def test_a_batch_passes_exactly_when_every_product_in_it_is_right(cases):
             assert not check.verify(v, bad)  # and its own check, on the same secret s, fails too
 
 
-def test_a_batch_splits_where_rows_differ_or_terms_run_out(cases, monkeypatch):
+def test_a_batch_splits_where_rows_differ_or_terms_run_out(cases, monkeypatch, batch_route):
     """A prefill's products and its one-row LM head go in separate groups, and so do products past MAX_TERMS
     together: each group still catches a wrong product in it."""
     prefill = [(case.check, case.v[0], case.y[0]) for case in cases[:4]]  # ROWS rows each
@@ -246,7 +256,7 @@ def test_a_batch_splits_where_rows_differ_or_terms_run_out(cases, monkeypatch):
     assert not freivalds.verify_products(prefill[:-1] + [(check, v, (y + 1) % P)])
 
 
-def test_a_batch_is_exact_with_every_term_at_its_largest(monkeypatch):
+def test_a_batch_is_exact_with_every_term_at_its_largest(monkeypatch, batch_route):
     """Two products whose in + out add up to MAX_TERMS, with s, v and W at their largest: the summed limb
     products reach their bound and the right products still pass, exactly."""
     recording_uniform_field(monkeypatch, fill=P - 1)
@@ -259,3 +269,5 @@ def test_a_batch_is_exact_with_every_term_at_its_largest(monkeypatch):
     assert sum(c.in_features + c.out_features for c, _, _ in batch) == MAX_TERMS
     assert freivalds.verify_products(batch)
     assert not freivalds.verify_products([batch[0], (batch[1][0], batch[1][1], (batch[1][2] + 1) % P)])
+    with pytest.raises(ValueError, match="field elements"):  # a v outside [0, P) is the caller's bug, either route
+        freivalds.verify_products([(batch[0][0], batch[0][1] + 1, batch[0][2])])

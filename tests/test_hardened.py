@@ -32,7 +32,8 @@ def test_hardened_equals_plain_int8_with_a_thousand_checks_and_no_false_alarm(ti
     # checks ran a layer's products at a time while the device computed the next product (all but each step's
     # last batch), as did the enclave's columns
     overlapped = stats["integrity"]["seconds"] + stats["time"]["enclave_own_columns_s"]
-    assert 0 < stats["channel"]["overlapped_s"] <= overlapped
+    # up to a few microseconds a trip of the overlapped call's own bookkeeping, timed in neither figure
+    assert 0 < stats["channel"]["overlapped_s"] <= overlapped + 5e-6 * stats["channel"]["round_trips"]
     assert (stats["time"]["enclave_own_columns_s"] > 0) == (enclave_share > 0)
     assert stats["perturbation"] > 0  # on by default under hardened
 

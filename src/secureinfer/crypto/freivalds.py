@@ -32,7 +32,8 @@ slower. Measured for one row (median, one core): 576 -> 1536 takes ~35 us agains
 
 Cost. Per row and repetition, in + out field multiply-adds (4 float64 limb products each) against in * out
 for the product itself; `macs(rows)` counts them in the unit of PadStats.offline_macs. Construction reads W
-once (in * out * 5k int8 multiply-adds). Storage: the limbs of s and ws, (in + out) * 2k float64 (`nbytes`).
+once (in * out * 5k int8 multiply-adds). Storage: s and ws, (in + out) * k int64, and their limbs, (in + out) *
+2k float64 (`nbytes`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ from torch import Tensor
 
 from ..errors import IntegrityError
 from .field import LIMB_BITS, LIMBS, P
+from .native import build
 from .pads import uniform_field
+
+CHECK_KERNELS = "check_kernels.cpp"
 
 MAX_TERMS = 2**17  # in + out, for the float64 limb products' bound
 SPLIT_BITS = 18  # low limb; the high limb holds the other 35 - 18 = 17 bits of a field element
@@ -96,7 +100,12 @@ def verify_products(products: list[tuple["FreivaldsCheck", Tensor, Tensor]]) -> 
     and their in + out sum to at most MAX_TERMS, which keeps the summed limb products exact. Why: each check
     is ~20 numpy operations whatever its size, ~100 us in a decode step, so one per layer costs a quarter.
     A malformed y (wrong dtype, shape or range) fails the batch; `FreivaldsCheck.check` then names it.
+
+    Where `check_kernels.cpp` built, each run of products with the same rows and repetitions is one call that
+    sums the same products in 128-bit integers, exactly, instead (for any in + out).
     """
+    if (kernels := build(CHECK_KERNELS)[0]) is not None:
+        return _vanish_compiled(kernels, products)
     group: list[np.ndarray] = []
     terms = rows = 0
     for check, v, y in products:
@@ -112,6 +121,24 @@ def verify_products(products: list[tuple["FreivaldsCheck", Tensor, Tensor]]) -> 
         group.append(_limb_products([yn, vn], check._limbs_t))
         terms, rows = terms + size, len(vn)
     return not group or _group_vanishes(group)
+
+
+def _vanish_compiled(kernels, products: list[tuple["FreivaldsCheck", Tensor, Tensor]]) -> bool:
+    groups: list[tuple[list[Tensor], list[Tensor], list[Tensor]]] = []  # (vs, ys, stacked), same rows and repetitions
+    for check, v, y in products:
+        if v.dtype != torch.int64 or v.dim() < 1 or v.shape[-1] != check.in_features:
+            raise ValueError(f"v must be int64 [..., {check.in_features}], got {v.dtype} {tuple(v.shape)}")
+        if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (*v.shape[:-1], check.out_features):
+            return False
+        rows = v.reshape(-1, check.in_features).contiguous()
+        if not groups or (groups[-1][0][0].shape[0], groups[-1][2][0].shape[1]) != (rows.shape[0], check.repetitions):
+            groups.append(([], [], []))
+        for items, value in zip(groups[-1], (rows, y.reshape(rows.shape[0], -1).contiguous(), check.stacked)):
+            items.append(value)
+    try:
+        return all(kernels.products_vanish(vs, ys, stacked, P) for vs, ys, stacked in groups)
+    except RuntimeError as error:  # the kernel refuses a v outside [0, P): a caller's bug, as in _input_rows
+        raise ValueError(str(error).splitlines()[0]) from None
 
 
 def _group_vanishes(limb_products: list[np.ndarray]) -> bool:
@@ -157,7 +184,8 @@ class FreivaldsCheck:
         for i in reversed(range(LIMBS)):
             ws = ((ws << LIMB_BITS) + partial[:, i]) % P
         # [s ; -ws]: one product then yields y s - v ws for the stacked row [y | v]
-        self._limbs_t = np.ascontiguousarray(_split(np.concatenate([s.numpy(), ((P - ws) % P).numpy()])).T)
+        self.stacked = torch.cat([s, (P - ws) % P]).contiguous()  # int64 [out + in, k], as the compiled check reads it
+        self._limbs_t = np.ascontiguousarray(_split(self.stacked.numpy()).T)
 
     def verify_rows(self, v: Tensor, y: Tensor) -> Tensor:
         """Per row of v [..., in] (int64 in [0, P)): whether the device's y [..., out] is v @ W mod P.
@@ -197,5 +225,5 @@ class FreivaldsCheck:
 
     @property
     def nbytes(self) -> int:
-        """Memory held for this weight: the limbs of s and of W s."""
-        return self._limbs_t.nbytes
+        """Memory held for this weight: s and W s, as integers and as limbs."""
+        return self.stacked.nbytes + self._limbs_t.nbytes

@@ -36,3 +36,8 @@ def status(source: str) -> dict:
     """Whether the kernel file `source` runs compiled here, and why not if it does not (`SecureLM.stats()`)."""
     module, reason = build(source)
     return {"compiled": module is not None, "reason": reason}
+
+
+def statuses() -> dict[str, dict]:
+    """`status` of every kernel file here, building each that has not been (`make install` prints this)."""
+    return {path.name: status(path.name) for path in sorted(Path(__file__).parent.glob("*.cpp"))}

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..channel import Channel, DeviceError, DeviceProtocolError
 from ..errors import IntegrityError, InvalidRequestError
 from ..model.config import ModelConfig
-from ..crypto import blind, field, native
+from ..crypto import blind, native
 from ..crypto.field import PackedInt8Weight, product_weight, signed_matmul
 from ..crypto.freivalds import FreivaldsCheck, verify_products
 from ..crypto.head_permutation import HeadPermutation
@@ -368,7 +368,7 @@ class EnclaveRuntime:
             "pads": vars(self.pads.stats) | {"held_bytes": self.pads.held_bytes()},
             "hardening": {**self.process_hardening, **self.secret.report()},
             "integrity": dict(self.integrity),
-            "compiled_kernels": {source: native.status(source) for source in (blind.KERNELS, field.FIELD_KERNELS)},
+            "compiled_kernels": native.statuses(),
             "sealed_kv": self._sealing_report(),
         }
 
