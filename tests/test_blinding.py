@@ -50,23 +50,24 @@ def _has_vnni() -> bool:
     return "avx512_vnni" in open("/proc/cpuinfo").read().split()
 
 
+@pytest.fixture
+def torch_threads(request):
+    """torch on this many threads for the test (default 2, where a large narrow weight is packed; on one, a VNNI
+    CPU's few-row products take the compiled loop), restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(getattr(request, "param", 2))
+    yield torch.get_num_threads()
+    torch.set_num_threads(previous)
+
+
 # ragged widths (a partial last 64-byte lane, a lone one), ragged output counts (a partial last pass of 4)
 @pytest.mark.parametrize("inner", [1, 63, 65, 577])
 @pytest.mark.parametrize("rows", [1, 2, 3])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_compiled_few_row_products_are_exact_on_ragged_shapes(inner, rows, threads):
+@pytest.mark.parametrize("torch_threads", [1, 2], indirect=True)
+def test_the_compiled_few_row_products_are_exact_on_ragged_shapes(inner, rows, torch_threads):
     """One or two rows on one thread times a weight laid out [out, in] take the kernel's own vpdpbusd loop on a
     VNNI CPU; a third row, two threads, or the other layout take torch._int_mm inside the kernel. Every one gives
     the exact integers."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        _check_compiled_few_row_products(inner, rows)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _check_compiled_few_row_products(inner: int, rows: int) -> None:
     kernels = build(FIELD_KERNELS)[0]
     assert kernels is not None and kernels.dot_product_instructions() == _has_vnni()
     rng = random.Random(inner * 10 + rows)
@@ -112,16 +113,7 @@ def test_the_default_backend_is_one_of_the_exact_ones():
     assert fastest_backend() in BACKENDS
 
 
-@pytest.fixture
-def two_threads():
-    """Products on two torch threads, where a large narrow weight is packed (on one, the VNNI loop reads it)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
-def test_large_narrow_int8_weights_are_packed_and_multiply_exactly_at_the_bound(two_threads):
+def test_large_narrow_int8_weights_are_packed_and_multiply_exactly_at_the_bound(torch_threads):
     """The packed GEMM answers in float32, exact below 2^24: PACKED_MAX_INNER_DIM limbs of 127 times weights of
     +-127 sum to 1024 * 127^2, just under it. Small weights and wider ones keep torch._int_mm's layout."""
     columns = PACK_FROM_BYTES // PACKED_MAX_INNER_DIM + 2

@@ -2,9 +2,10 @@
 // (see native.py for why). Integers throughout, so the results are field.py's torch steps' exactly.
 //
 // The multiply is torch::_int_mm in general. For one or two rows, one thread and a weight laid out [out, in] (as
-// `product_weight` keeps it) on a CPU with AVX512-VNNI it is our own loop over vpdpbusd instead: the weight is read once, in order, and nothing
-// is repacked, allocated or dispatched per call. In a decode run, where every weight comes from far caches,
-// this measured 2-2.5x faster than _int_mm for this model's layer shapes (576 x 240 ... 1536 x 288 columns).
+// `product_weight` keeps it) on a CPU with AVX512-VNNI it is our own loop over vpdpbusd instead: the weight is
+// read once, in order, and nothing is repacked, allocated or dispatched per call. In a decode run, where every
+// weight comes from far caches, this measured 2-2.5x faster than _int_mm for this model's layer shapes
+// (576 x 240 ... 1536 x 288 columns).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -39,7 +40,8 @@ void check_rows(const torch::Tensor& values) {
 }
 
 // sum_k 2^(7k) partial[k] for output e of limb-major int32 partial products ([count * n * out]), Horner-wise:
-// |total| <= 2048 * 127 * p < 2^53 for the field route and < 2^21 * 2048 * 127 for the signed one, no overflow.
+// |total| <= 2048 * 127 * p < 2^53 for the field route and < 2^17 * 2048 * 127 for the signed one (limbs of
+// v + 2^16), no overflow.
 int64_t recombine(const int32_t* partial, int64_t per_limb, int64_t e, int64_t limb_count) {
   int64_t total = 0;
   for (int64_t k = limb_count - 1; k >= 0; k--) total = total * (1 << kLimbBits) + partial[k * per_limb + e];

@@ -126,9 +126,8 @@ def verify_products(products: list[tuple["FreivaldsCheck", Tensor, Tensor]]) -> 
 def _vanish_compiled(kernels, products: list[tuple["FreivaldsCheck", Tensor, Tensor]]) -> bool:
     groups: list[tuple[list[Tensor], list[Tensor], list[Tensor]]] = []  # (vs, ys, stacked), same rows and repetitions
     for check, v, y in products:
-        if v.dtype != torch.int64 or v.dim() < 1 or v.shape[-1] != check.in_features:
-            raise ValueError(f"v must be int64 [..., {check.in_features}], got {v.dtype} {tuple(v.shape)}")
-        if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (*v.shape[:-1], check.out_features):
+        _require_input_shape(v, check.in_features)
+        if not _has_product_shape(y, v.shape[:-1], check.out_features):
             return False
         rows = v.reshape(-1, check.in_features).contiguous()
         if not groups or (groups[-1][0][0].shape[0], groups[-1][2][0].shape[1]) != (rows.shape[0], check.repetitions):
@@ -145,10 +144,19 @@ def _group_vanishes(limb_products: list[np.ndarray]) -> bool:
     return not _reduce(sum(limb_products[1:], limb_products[0])).any()
 
 
-def _input_rows(v: Tensor, width: int) -> np.ndarray:
-    """The enclave's padded input v [..., width] as int64 numpy rows; anything but field elements is a caller's bug."""
+def _require_input_shape(v: Tensor, width: int) -> None:
     if v.dtype != torch.int64 or v.dim() < 1 or v.shape[-1] != width:
         raise ValueError(f"v must be int64 [..., {width}], got {v.dtype} {tuple(v.shape)}")
+
+
+def _has_product_shape(y, lead: tuple, width: int) -> bool:
+    """Whether the device's y has the type and shape of the product of v [*lead, in]: int64 [*lead, width]."""
+    return isinstance(y, Tensor) and y.dtype == torch.int64 and y.shape == (*lead, width)
+
+
+def _input_rows(v: Tensor, width: int) -> np.ndarray:
+    """The enclave's padded input v [..., width] as int64 numpy rows; anything but field elements is a caller's bug."""
+    _require_input_shape(v, width)
     rows = v.cpu().reshape(-1, width).numpy()
     if rows.size and not (rows.min() >= 0 and rows.max() < P):
         raise ValueError("v must hold field elements in [0, P)")
@@ -157,7 +165,7 @@ def _input_rows(v: Tensor, width: int) -> np.ndarray:
 
 def _product_rows(y, lead: tuple, width: int) -> np.ndarray | None:
     """The device's y as int64 numpy rows [n, width], or None if its type or shape is not that of v's product."""
-    if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (*lead, width):
+    if not _has_product_shape(y, lead, width):
         return None
     return y.cpu().reshape(-1, width).numpy()
 
