@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 import secureinfer
 from gguf_fixtures import tiny_llama_config, tiny_llama_model, write_llama_gguf
 from scheme_runs import forward_logits, padded_batch
+from secureinfer.channel import DeviceFailed
+from secureinfer.channel.wire import ERROR
 from secureinfer.attacks.traffic import regression_r_squared, uniformity_p_value
 from secureinfer.crypto.field import (
     BACKENDS, BYTE_LIMBS_FROM, CHUNK, HORNER_FROM, MAX_INNER_DIM, PACK_FROM_BYTES, PACKED_MAX_INNER_DIM, PAIRED_LIMBS_UP_TO, FIELD_KERNELS, LIMBS, SIGNED_LIMBS, PackedInt8Weight, _limbs_from_bytes, P, build, centred_difference, fastest_backend, field_matmul, packing_available, product_weight, signed_matmul, to_signed,
@@ -263,6 +265,50 @@ def test_the_secureinfer_device_view_is_uniform_and_holds_nothing_in_clear(tmp_p
     assert not any(torch.equal(w, n) for w in device_weights.values() for n in norms if w.shape == n.shape)
 
 
+def test_each_products_pads_are_taken_while_the_device_computes_the_one_before(checkpoint):
+    """After the first product, every product's pads were taken during the previous product's wait, for the right
+    number of rows (a prompt, then one row a token), so the pool is asked once per product, plus once at the end
+    for a token that never comes; and no pad row pads two products."""
+    with secureinfer.SecureLM(checkpoint, "secureinfer", channel="inprocess") as lm:
+        runtime, used, pool_takes = lm.runtime, [], []
+        take_pads, take = runtime._take_pads, runtime.pads.take
+        runtime._take_pads = lambda name, rows: used.append(take_pads(name, rows)) or used[-1]
+        runtime.pads.take = lambda name, rows: pool_takes.append(rows) or take(name, rows)
+        result = lm.generate(PROMPTS[0], max_new_tokens=5, ignore_eos=True)
+        stats = lm.stats()
+    products = len(result.tokens) * len(lm.plan.blinded_weights)
+    assert len(used) == products and len(pool_takes) == products + 1
+    assert sum(pool_takes) == sum(r.shape[0] for r, _ in used) + 1 == stats["pads"]["used_rows"]
+    assert len({r[row].data_ptr() for r, _ in used for row in range(r.shape[0])}) == sum(r.shape[0] for r, _ in used)
+    assert stats["time"]["enclave_pads_ahead_s"] > 0
+
+
+def test_pads_taken_ahead_are_never_used_twice_after_a_device_failure(checkpoint):
+    """A decode step that failed part-way used pads taken ahead for its first products; the one-row step that
+    retries it takes new ones."""
+    with secureinfer.SecureLM(checkpoint, "secureinfer", channel="inprocess") as lm:
+        runtime, used = lm.runtime, []
+        take_pads = runtime._take_pads
+        runtime._take_pads = lambda name, rows: used.append(take_pads(name, rows)) or used[-1]
+        endpoint, dispatch, runs = runtime.channel.endpoint, runtime.channel.endpoint.dispatch, []
+
+        def failing_once(kind, meta, tensors):  # the sixth product of the third forward (a decode step)
+            runs.extend([meta] if kind == "run" else [])
+            if kind == "run" and len(runs) == 2 * len(lm.plan.blinded_weights) + 6:
+                return ERROR, {"message": "injected"}, {}
+            return dispatch(kind, meta, tensors)
+
+        endpoint.dispatch = failing_once
+        with pytest.raises(DeviceFailed):
+            lm.generate(PROMPTS[0], max_new_tokens=5, ignore_eos=True)
+        cache = runtime.new_cache(1, 8)
+        for position in range(3):
+            runtime.forward(torch.tensor([[position + 1]]), cache, position)
+    rows = [r[row].data_ptr() for r, _ in used for row in range(r.shape[0])]
+    assert len(used) == 2 * len(lm.plan.blinded_weights) + 6 + 3 * len(lm.plan.blinded_weights)
+    assert len(set(rows)) == len(rows)
+
+
 def test_blinded_values_do_not_predict_the_plaintext(checkpoint):
     """A least-squares fit from what the device receives to the quantized plaintext explains nothing."""
     with secureinfer.SecureLM(checkpoint, "secureinfer", channel="inprocess") as lm:
@@ -275,8 +321,8 @@ def test_blinded_values_do_not_predict_the_plaintext(checkpoint):
             return original(kind, meta, tensors, **options)
 
         lm.runtime.channel.request = spy
-        take = lm.runtime.pads.take
-        lm.runtime.pads.take = lambda name, rows: (lambda r, u: (plain.append(r), (r, u))[1])(*take(name, rows))
+        take = lm.runtime._take_pads  # the pads each product uses (some taken ahead may go unused)
+        lm.runtime._take_pads = lambda name, rows: (lambda r, u: (plain.append(r), (r, u))[1])(*take(name, rows))
         lm.generate(PROMPTS[0], max_new_tokens=12, ignore_eos=True)
     blinded = torch.cat([v.flatten() for v in seen])
     pads = torch.cat([r.flatten() for r in plain]).double()

@@ -186,6 +186,14 @@ MALFORMED = {
     "shape times itemsize is not nbytes": raw_frame(header({**FLOAT4, "nbytes": 8}), b"\0" * 8),
     "payload length disagrees": raw_frame(header(FLOAT4), b"\0" * 8),
     "duplicate names": raw_frame(header(FLOAT4, FLOAT4), b"\0" * 8),
+    # Sizes that agree but that no allocator meets: numpy's MemoryError, numpy's size limit, torch's RuntimeError.
+    "4 TiB tensor": raw_frame(header({**FLOAT4, "shape": [1 << 40], "nbytes": 1 << 42}), payload_len=1 << 42),
+    "tensor past numpy's size limit": raw_frame(
+        header({**FLOAT4, "dtype": "int8", "shape": [1 << 31, 1 << 31, 2], "nbytes": 1 << 63}), payload_len=1 << 63
+    ),
+    "4 TiB bfloat16 tensor": raw_frame(
+        header({**FLOAT4, "dtype": "bfloat16", "shape": [1 << 41], "nbytes": 1 << 42}), payload_len=1 << 42
+    ),
     "truncated payload": VALID[:-1],
     "stray bytes after the frame": VALID + b"\0",
 }

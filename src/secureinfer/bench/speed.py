@@ -29,7 +29,7 @@ from ..errors import InvalidRequestError
 from ..model import Checkpoint, Llama, load_checkpoint
 from ..plan import PRESETS, build_plan
 from ..plan.ops import weight_names
-from ..plan.plan import LAST_POSITION_OPS
+from ..plan.plan import LAST_POSITION_WEIGHTS
 from . import source_commit
 from .analytic import analytic_markdown, decode_costs, model_analytic, pad_flops
 from .targets import cell, describe, judge, target
@@ -136,9 +136,8 @@ def top_up_pads(pads, case: Case) -> None:
     asleep, so no pad is made while the request runs.
     """
     prompt_tokens, new_tokens = case.key
-    last_position = {name for op in LAST_POSITION_OPS for name in weight_names(op, None)}
     for name in pads.weights_t:
-        rows = new_tokens if name in last_position else prompt_tokens + new_tokens - 1
+        rows = new_tokens if name in LAST_POSITION_WEIGHTS else prompt_tokens + new_tokens - 1
         missing = rows + pads.low_water - pads.available(name)
         if missing > 0:
             pads.refill(name, missing)

@@ -31,6 +31,7 @@ from ..crypto.seal import SealStats
 from ..model.kernels import StepContext, flat_weights, run_ops, store_projection, with_adapter
 from ..model.llama import KVCache, LlamaWeights, rope_tables
 from ..plan import DEVICE, ENCLAVE, Plan
+from ..plan.plan import LAST_POSITION_WEIGHTS
 from ..plan.ops import OPS, weight_names
 from .hardening import SecretMemory, make_undumpable
 from .memory import EnclaveMemory
@@ -122,6 +123,11 @@ class EnclaveRuntime:
         self.pads = PadPool(
             {name: self.weights[f"{name}.q"] for name in blinded}, pad_batch_rows, background=pad_background
         )
+        # The blinded product after each, in execution order (after the LM head, the next token's first), and pads
+        # taken for it while the device computes this one: that take is then off the critical path.
+        self._next_blinded = dict(zip(blinded, [*blinded[1:], *blinded[:1]]))
+        self._first_blinded = blinded[0] if blinded else None
+        self._pads_ahead: dict[str, tuple[Tensor, Tensor]] = {}
         self.checks = self._integrity_checks(blinded, verify_repetitions)
         self._unchecked: list[tuple[str, Tensor, Tensor]] = []  # (weight, padded input, device product)
         # The rescale's view of each blinded weight's scales (its float64 scale is kept once made).
@@ -140,6 +146,7 @@ class EnclaveRuntime:
         self.step = 0
         self.enclave_compute_s = 0.0
         self.own_columns_s = 0.0  # the part of enclave_compute_s spent on its own columns, while the device works
+        self.pads_ahead_s = 0.0  # and the part spent taking the next product's pads, while the device works
         self.start_device()
 
     def _integrity_checks(self, blinded: list[str], repetitions: int) -> dict:
@@ -290,8 +297,8 @@ class EnclaveRuntime:
         ((op, layer),) = segment.ops
         (name,) = weight_names(op, layer)
         x = values[OPS[op].reads[0]]
-        r, u = self.pads.take(name, x.numel() // x.shape[-1])
-        self.memory.observe("pads", self.pads.held_bytes())  # the pool is enclave memory too
+        positions = x.numel() // x.shape[-1]
+        r, u = self._take_pads(name, positions)
         rows, row_scale, padded = blind.blind(x, r)
         # Pads generated inside `take` are offline work, reported apart in the pad stats.
         self.enclave_compute_s += time.perf_counter() - began - (self.pads.stats.stall_s - stalled_before)
@@ -299,18 +306,25 @@ class EnclaveRuntime:
         check_now = len(self._unchecked) >= CHECKS_PER_BATCH
 
         def while_device_multiplies() -> None:
-            if own_weight is not None:  # first: the unpad below waits for it, the checks do not
-                began = time.perf_counter()
+            began, stalled_before = time.perf_counter(), self.pads.stats.stall_s
+            if own_weight is not None:  # first: the unpad below waits for it, the rest does not
                 own.append(signed_matmul(rows, own_weight))  # rows: the quantized activations, |q| <= 65535
-                elapsed = time.perf_counter() - began
-                self.own_columns_s += elapsed
-                self.enclave_compute_s += elapsed
+                self.own_columns_s += time.perf_counter() - began
+            following = self._next_blinded[name]
+            # As many positions as this product's, or one per row for the next token's first product (a decode
+            # step) and for the LM head of a step that keeps the last position only; a wrong guess costs only
+            # unused pads.
+            one_per_row = following == self._first_blinded or (ctx.last_only and following in LAST_POSITION_WEIGHTS)
+            took = time.perf_counter()
+            self._pads_ahead[following] = self.pads.take(following, ctx.batch if one_per_row else positions)
+            self.pads_ahead_s += time.perf_counter() - took
+            self.enclave_compute_s += time.perf_counter() - began - (self.pads.stats.stall_s - stalled_before)
             if check_now:
                 self._check_products()
 
         _, returned = self.channel.request(
             "run", self._run_meta(ctx, segment.ops, ["y"], blinded=True), {"v": padded},
-            while_waiting=while_device_multiplies if own_weight is not None or check_now else None,
+            while_waiting=while_device_multiplies,
         )  # fmt: skip
         began = time.perf_counter()
         y = returned.get("y")
@@ -328,6 +342,16 @@ class EnclaveRuntime:
         product = product.view(*x.shape[:-1], -1)
         store_projection(op, values, with_adapter(product, x, self.weights, name), ctx)
         self.enclave_compute_s += time.perf_counter() - began
+
+    def _take_pads(self, name: str, positions: int) -> tuple[Tensor, Tensor]:
+        """`positions` fresh pads for `name`: those taken ahead for it if they are as many, else from the pool (pads
+        taken ahead for another count are dropped unused: each pad pads one product at most)."""
+        ahead = self._pads_ahead.pop(name, None)
+        if ahead is not None and ahead[0].shape[0] == positions:
+            return ahead
+        pads = self.pads.take(name, positions)
+        self.memory.observe("pads", self.pads.held_bytes())  # the pool is enclave memory too
+        return pads
 
     def _check_products(self) -> None:
         """Freivalds-check the products received since the last check, raising IntegrityError on a wrong one.
@@ -361,6 +385,7 @@ class EnclaveRuntime:
             "time": {
                 "enclave_compute_s": self.enclave_compute_s,
                 "enclave_own_columns_s": self.own_columns_s,
+                "enclave_pads_ahead_s": self.pads_ahead_s,
                 "device_compute_s": counters.get("device_compute_s", 0.0),
                 "transfer_s": counters.get("transfer_s", 0.0),
             },
@@ -384,7 +409,7 @@ class EnclaveRuntime:
         return {"enabled": self.seal_kv, "resident_positions": cache.capacity if cache else None} | vars(totals)
 
     def reset_stats(self) -> None:
-        self.enclave_compute_s = self.own_columns_s = 0.0
+        self.enclave_compute_s = self.own_columns_s = self.pads_ahead_s = 0.0
         self.pads.stats = type(self.pads.stats)()
         self.integrity.update(checked=0, macs=0, seconds=0.0)
         self.sealed_totals = SealStats()

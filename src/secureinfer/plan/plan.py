@@ -25,6 +25,7 @@ SIDES = (ENCLAVE, DEVICE)
 TRANSFORMS = ("clear", "int8", "blinded")
 # The engine only samples from the last position, so from the final norm on only that position is computed.
 LAST_POSITION_OPS = ("final_norm", "lm_head", "sample")
+LAST_POSITION_WEIGHTS = frozenset(name for op in LAST_POSITION_OPS for name in weight_names(op, None))  # the LM head's
 HEAD_KEY_MODES = ("literal", "fold", "mixed")
 
 
