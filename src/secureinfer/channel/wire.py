@@ -155,7 +155,8 @@ def _received_tensor(read_into: ReadInto, name: str, dtype: torch.dtype, shape: 
     try:
         array = None if numpy_dtype is None else np.empty(shape, numpy_dtype)
         tensor = torch.empty(shape, dtype=dtype) if array is None else torch.from_numpy(array)
-    except (MemoryError, RuntimeError, ValueError) as error:  # numpy: MemoryError, or ValueError past its size limit; torch: RuntimeError
+    # numpy raises MemoryError, or ValueError past its size limit; torch raises RuntimeError
+    except (MemoryError, RuntimeError, ValueError) as error:
         raise ProtocolError(f"cannot allocate tensor {name!r} of {nbytes} bytes: {error}") from None
     if nbytes:
         read_into(_byte_view(tensor) if array is None else memoryview(array).cast("B"))

@@ -192,8 +192,10 @@ class DeviceEndpoint:
         self._check_ops(ops)
         if meta["step"] != self.step:
             self.values, self.step = {}, meta["step"]
-        start, length, pad = meta["start"], meta["length"], meta.get("pad")
-        self.values.update({name: tensor.to(self.device) for name, tensor in inputs.items()})
+        if self.device.type == "cpu":  # a received tensor is already here: skip a call per tensor
+            self.values.update(inputs)
+        else:
+            self.values.update({name: tensor.to(self.device) for name, tensor in inputs.items()})
         observe = self.recorder.record_held if self.recorder else None
         if meta.get("blinded"):
             ((op, layer),) = ops  # a blinded segment is one projection: the enclave unpads between them
@@ -201,20 +203,22 @@ class DeviceEndpoint:
             if observe:
                 observe(op, layer, {"y": self.values["y"]})
         else:
+            start, length, pad = meta["start"], meta["length"], meta.get("pad")
             with self._allocating_on_device():
                 ctx = StepContext.create(
                     config, self.rope, start, meta["batch"], length,
                     None if pad is None else torch.tensor(pad, dtype=torch.int64), meta["last_only"],
                 )  # fmt: skip
             run_ops(ops, self.values, self.compute_weights, self.cache, ctx, observe)
-        if any(op == "attention" for op, _ in ops):
-            self.positions_written = max(self.positions_written, start + length)
+            if any(op == "attention" for op, _ in ops):
+                self.positions_written = max(self.positions_written, start + length)
         missing = [name for name in meta["returns"] if name not in self.values]
         if missing:
             raise KeyError(f"asked to return {missing}, which no op produced and no input carried")
+        if self.device.type == "cpu":  # the wire sends a strided tensor's bytes in order, as `contiguous` would
+            return {}, {name: self.values[name] for name in meta["returns"]}
         returned = {name: self.values[name].to("cpu").contiguous() for name in meta["returns"]}
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # so compute_s covers kernels whose results stay here
+        torch.cuda.synchronize(self.device)  # so compute_s covers kernels whose results stay here
         return {}, returned
 
     def _allocating_on_device(self) -> contextlib.AbstractContextManager:
