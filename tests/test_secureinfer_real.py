@@ -102,7 +102,7 @@ def test_device_view_with_the_adapter_is_uniform_unpredictive_and_holds_no_adapt
     view = tmp_path / "view"
     with SecureLM(real_checkpoint, "secureinfer", adapter="demo", record_view=view) as lm:
         blinded, pads = [], []
-        request, take = lm.runtime.channel.request, lm.runtime.pads.take
+        request, take = lm.runtime.channel.request, lm.runtime._take_pads  # the pads each product uses
 
         def spy_request(kind, meta=None, tensors=None, **options):
             if tensors and "v" in tensors:
@@ -114,7 +114,7 @@ def test_device_view_with_the_adapter_is_uniform_unpredictive_and_holds_no_adapt
             pads.append(r.flatten())
             return r, u
 
-        lm.runtime.channel.request, lm.runtime.pads.take = spy_request, spy_take
+        lm.runtime.channel.request, lm.runtime._take_pads = spy_request, spy_take
         lm.chat([{"role": "user", "content": FACTS[0]["question"]}], max_new_tokens=12)
 
     messages = load_file(view / "messages.safetensors")
