@@ -140,9 +140,7 @@ def read_frame(read_into: ReadInto) -> Frame:
     header = bytearray(header_len)
     read_into(memoryview(header))
     kind, meta, specs = _parse_header(header)
-    declared = 0
-    for _, _, _, nbytes in specs:
-        declared += nbytes
+    declared = sum(nbytes for _, _, _, nbytes in specs)
     if declared != payload_len:
         raise ProtocolError(f"frame prefix says {payload_len} payload bytes but its tensors add up to {declared}")
     tensors = {name: _received_tensor(read_into, name, dtype, shape, nbytes) for name, dtype, shape, nbytes in specs}

@@ -316,7 +316,7 @@ class EnclaveRuntime:
             # unused pads.
             one_per_row = following == self._first_blinded or (ctx.last_only and following in LAST_POSITION_WEIGHTS)
             took = time.perf_counter()
-            self._pads_ahead[following] = self.pads.take(following, ctx.batch if one_per_row else positions)
+            self._pads_ahead[following] = self._pool_pads(following, ctx.batch if one_per_row else positions)
             self.pads_ahead_s += time.perf_counter() - took
             self.enclave_compute_s += time.perf_counter() - began - (self.pads.stats.stall_s - stalled_before)
             if check_now:
@@ -349,6 +349,9 @@ class EnclaveRuntime:
         ahead = self._pads_ahead.pop(name, None)
         if ahead is not None and ahead[0].shape[0] == positions:
             return ahead
+        return self._pool_pads(name, positions)
+
+    def _pool_pads(self, name: str, positions: int) -> tuple[Tensor, Tensor]:
         pads = self.pads.take(name, positions)
         self.memory.observe("pads", self.pads.held_bytes())  # the pool is enclave memory too
         return pads
