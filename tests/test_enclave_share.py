@@ -4,6 +4,7 @@ and traffic exactly as the plan's costs say, and no easier to tamper with."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -92,6 +93,30 @@ def test_schemes_without_blinded_products_keep_every_column_on_the_device(tiny_g
     plan = build_plan("secureinfer", lm.config).with_enclave_share(0.99)
     assert all(plan.device_columns(columns) >= 1 for columns in (1, 2, 3, 128))  # never no device column
 
+
+
+def test_the_default_share_times_the_routes_at_the_enclaves_threads(tiny_gguf, monkeypatch):
+    """A caller at more threads than the enclave keeps still gets the route the enclave runs fastest: timed at two
+    threads (torch's default here), float64 beat the int8 route, whose fast loop serves one thread, and every
+    caller of SecureLM ran at share 0 on the float64 route, where the enclave runs one thread."""
+    import secureinfer.api as api
+
+    enclave_threads = max(1, (os.cpu_count() or 2) // 2)  # what SecureLM gives each side of a many-trip plan
+    timed_at = []
+
+    def int8_at_the_enclaves_threads() -> str:  # as this machine measures: int8 at one thread, float64 at two
+        timed_at.append(torch.get_num_threads())
+        return "int8" if torch.get_num_threads() == enclave_threads else "float64"
+
+    monkeypatch.setattr(api, "fastest_backend", int8_at_the_enclaves_threads)
+    callers_threads = torch.get_num_threads()
+    torch.set_num_threads(enclave_threads + 1)
+    try:
+        with secureinfer.load(tiny_gguf, "secureinfer", progress=False) as lm:
+            assert lm.threads == enclave_threads and timed_at == [enclave_threads]
+            assert lm.plan.enclave_share == 0.5
+    finally:
+        torch.set_num_threads(callers_threads)
 
 def test_the_bench_breakdown_puts_the_enclave_share_on_the_enclave(tiny_gguf):
     from secureinfer.bench.analytic import PAD_CLASS, breakdown, pad_flops

@@ -67,10 +67,13 @@ class SecureLM:
             self.plan = self.plan.with_adapters(
                 {name.removesuffix(".lora_a"): a.shape[0] for name, a in self.adapter.tensors.items() if name.endswith(".lora_a")}
             )
-        share = self._default_enclave_share(channel, device) if enclave_share is None else enclave_share
-        self.plan = self.plan.with_enclave_share(share)
+        # Threads first: the default share times the exact product routes once per process (`fastest_backend`), at
+        # the torch threads of that moment, and the int8 route's fast loop serves one thread. Timed before the split,
+        # at two threads, float64 won, so every caller ran at share 0 on the float64 route (~0.75x the speed).
         threads = threads or self._split_threads(channel)
         self.threads = threads  # the enclave's (and device's) torch threads; None: torch's default
+        share = self._default_enclave_share(channel, device) if enclave_share is None else enclave_share
+        self.plan = self.plan.with_enclave_share(share)
         open_device = functools.partial(
             open_channel, channel, device=device, record_view=record_view, timeout_s=device_timeout_s, threads=threads
         )
