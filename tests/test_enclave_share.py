@@ -101,22 +101,23 @@ def test_the_default_share_times_the_routes_at_the_enclaves_threads(tiny_gguf, m
     caller of SecureLM ran at share 0 on the float64 route, where the enclave runs one thread."""
     import secureinfer.api as api
 
-    enclave_threads = max(1, (os.cpu_count() or 2) // 2)  # what SecureLM gives each side of a many-trip plan
+    callers_threads = (os.cpu_count() or 2) + 1  # more than SecureLM ever gives one side
     timed_at = []
 
-    def int8_at_the_enclaves_threads() -> str:  # as this machine measures: int8 at one thread, float64 at two
+    def float64_at_the_callers_threads() -> str:  # as this machine measures: int8 at one thread, float64 at two
         timed_at.append(torch.get_num_threads())
-        return "int8" if torch.get_num_threads() == enclave_threads else "float64"
+        return "float64" if torch.get_num_threads() == callers_threads else "int8"
 
-    monkeypatch.setattr(api, "fastest_backend", int8_at_the_enclaves_threads)
-    callers_threads = torch.get_num_threads()
-    torch.set_num_threads(enclave_threads + 1)
+    monkeypatch.setattr(api, "fastest_backend", float64_at_the_callers_threads)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(callers_threads)
     try:
         with secureinfer.load(tiny_gguf, "secureinfer", progress=False) as lm:
-            assert lm.threads == enclave_threads and timed_at == [enclave_threads]
+            assert lm.threads < callers_threads and timed_at == [lm.threads]
             assert lm.plan.enclave_share == 0.5
     finally:
-        torch.set_num_threads(callers_threads)
+        torch.set_num_threads(threads_before)
+
 
 def test_the_bench_breakdown_puts_the_enclave_share_on_the_enclave(tiny_gguf):
     from secureinfer.bench.analytic import PAD_CLASS, breakdown, pad_flops
