@@ -21,7 +21,10 @@ from secureinfer.crypto.field import (
 )
 from secureinfer.crypto.pads import PadPool, uniform_field
 from secureinfer.crypto.quant import ACTIVATION_QMAX, activation_qmax, int8_linear, quantize_activation, quantize_weight
+from secureinfer.enclave import runtime as runtime_module
 from secureinfer.model import load_checkpoint
+from secureinfer.model.kernels import flat_weights
+from secureinfer.plan import ENCLAVE
 
 PROMPTS = ["the cat and the dog", "once upon a time in a land", "is it on"]
 
@@ -226,6 +229,28 @@ def test_every_blinded_scheme_equals_plain_int8_bit_for_bit(checkpoint, channel,
         for ours, reference in zip(results[scheme], results["plain-int8"]):
             assert torch.equal(ours, reference), scheme
         assert results[scheme + " tokens"] == results["plain-int8 tokens"], scheme
+
+
+@pytest.mark.parametrize("route", ["int8", "float64"])
+def test_the_enclaves_clear_int8_projections_are_laid_out_for_its_route_and_stay_exact(checkpoint, monkeypatch, route, torch_threads):
+    """The int8 route's VNNI loop reads a weight laid out [out, in] only: the projections the enclave multiplies in
+    the clear are held so on that route, as stored on the others, and both equal plain-int8 bit for bit. A process
+    device splits the threads: the enclave multiplies on one, where the loop serves (the fixture restores them)."""
+    monkeypatch.setattr(runtime_module, "fastest_backend", lambda: route)
+    batch, pad = padded_batch(checkpoint.tokenizer, PROMPTS)
+    with secureinfer.SecureLM(checkpoint, "plain-int8", channel="process") as lm:
+        reference = forward_logits(lm, batch, pad)
+    with secureinfer.SecureLM(checkpoint, "secureinfer-enclave-qkv-ffn", channel="process") as lm:
+        blinded = {f"{name}.q" for name in lm.plan.blinded_weights}
+        clear = [n for n in lm.plan.stored_weights(ENCLAVE) if n.endswith(".q") and n not in blinded]
+        assert clear and blinded
+        held = lm.runtime.weights
+        assert all(held[n].t().is_contiguous() == (route == "int8") for n in clear)
+        assert all(held[n].is_contiguous() for n in blinded)  # the pads' and checks' [in, out], as stored
+        stored = flat_weights(checkpoint.fused_weights)
+        assert all(torch.equal(held[n], quantize_weight(stored[n.removesuffix(".q")]).weight_t) for n in clear)
+        ours = forward_logits(lm, batch, pad)
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference))
 
 
 def test_a_model_wider_than_one_field_slice_stays_exact(tmp_path):
