@@ -255,6 +255,12 @@ def dot_loop_serves_few_rows() -> bool:
     return kernels is not None and torch.get_num_threads() == 1 and kernels.dot_product_instructions()
 
 
+def out_in_layout(weight_t: Tensor) -> Tensor:
+    """The same int8 weight [in, out], laid out [out, in] in memory (a transposed view): the compiled kernel's VNNI
+    loop reads only this layout."""
+    return weight_t.t().contiguous().t()
+
+
 def product_weight(weight_t: Tensor, backend: str | None = None) -> Tensor | PackedInt8Weight:
     """An int8 weight [in, out] as the backend's product reads it fastest, for a caller that keeps it.
 
@@ -272,7 +278,7 @@ def product_weight(weight_t: Tensor, backend: str | None = None) -> Tensor | Pac
             and not dot_loop_serves_few_rows()
             and packing_available()
         )
-        return PackedInt8Weight(weight_t) if packs else weight_t.t().contiguous().t()
+        return PackedInt8Weight(weight_t) if packs else out_in_layout(weight_t)
     return weight_t.to(WEIGHT_DTYPES[backend])
 
 

@@ -21,7 +21,7 @@ from ..channel import Channel, DeviceError, DeviceProtocolError
 from ..errors import IntegrityError, InvalidRequestError
 from ..model.config import ModelConfig
 from ..crypto import blind, native
-from ..crypto.field import PackedInt8Weight, fastest_backend, product_weight, signed_matmul
+from ..crypto.field import PackedInt8Weight, fastest_backend, out_in_layout, product_weight, signed_matmul
 from ..crypto.freivalds import FreivaldsCheck, verify_products
 from ..crypto.head_permutation import HeadPermutation
 from ..crypto.kv_mixing import KVMixing
@@ -98,7 +98,7 @@ class EnclaveRuntime:
             # VNNI loop reads only that layout, and secureinfer-enclave-qkv-ffn decoded ~35% faster with it.
             part = device_part(name)
             clear_int8 = name.endswith(".q") and name not in device_columns and part.dtype == torch.int8
-            return part.t().contiguous().t() if clear_int8 and int8_route else part
+            return out_in_layout(part) if clear_int8 and int8_route else part
 
         enclave_names = plan.stored_weights(ENCLAVE)
         enclave_aliases = self._tied_aliases(enclave_names)
