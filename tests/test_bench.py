@@ -73,3 +73,20 @@ def test_the_report_names_the_model_by_file_and_hash_not_by_a_path_of_this_machi
 
     assert report["model"] == tiny_gguf.name and report["model_sha256"] == file_sha256(tiny_gguf)
     assert str(tiny_gguf.parent) not in json.dumps(report)
+
+
+def test_host_steal_is_read_off_proc_stat_per_run_and_for_the_whole_bench(report):
+    from secureinfer.bench.steal import CpuTimes, parse_cpu_times, steal_share
+
+    before = parse_cpu_times("cpu  100 0 50 800 10 0 5 35 7 0\ncpu0 50 0 25 400 5 0 2 18 3 0\nintr 1\n")
+    after = parse_cpu_times("cpu  160 0 70 900 10 0 5 55 9 0\ncpu0 80 0 35 450 5 0 2 28 4 0\n")
+    # guest (7, 9) is inside user already: totals 1000 and 1200, steal 35 and 55, so 20 of 200 ticks
+    assert before == CpuTimes(steal=35, total=1000) and after == CpuTimes(steal=55, total=1200)
+    assert steal_share(before, after) == pytest.approx(0.1)
+    assert steal_share(before, before) is None and steal_share(None, after) is None
+    assert parse_cpu_times("cpu  1 2 3 4\n") is None and parse_cpu_times("intr 5\n") is None
+    assert 0 <= report["cpu_steal_share"] <= 1  # Linux: the whole bench spans many ticks
+    for name, result in report["results"].items():
+        steal = result["cpu_steal_share"]  # None only where every run was shorter than a clock tick
+        assert steal is None or (len(steal["runs"]) <= 2 and 0 <= steal["min"] <= steal["max"] <= 1), name
+    assert "host steal, % of CPU time" in to_markdown(report) and "(steal)" in to_markdown(report)

@@ -31,6 +31,7 @@ from ..plan import PRESETS, build_plan
 from ..plan.ops import weight_names
 from ..plan.plan import LAST_POSITION_WEIGHTS
 from . import source_commit
+from .steal import read_cpu_times, steal_share
 from .analytic import analytic_markdown, decode_costs, model_analytic, pad_flops
 from .targets import cell, describe, judge, target
 
@@ -64,18 +65,23 @@ class Runner:
     enclave_share: float | None = None  # a blinded scheme's share of each product done in the enclave
     ttft_s: dict = field(default_factory=dict)  # per case key
     decode_tok_s: dict = field(default_factory=dict)
+    steal_shares: dict = field(default_factory=dict)  # per case key: the host's steal share during each run, or None
     extra: dict = field(default_factory=dict)  # per case key: the last run's measured detail
 
     def time(self, case: Case) -> None:
         torch.set_num_threads(self.threads)
+        before = read_cpu_times()
         ttft, decode = self.run(case)
+        self.steal_shares.setdefault(case.key, []).append(steal_share(before, read_cpu_times()))
         self.ttft_s.setdefault(case.key, []).append(ttft)
         self.decode_tok_s.setdefault(case.key, []).append(decode)
 
     def summary(self, case: Case) -> dict:
+        steals = [share for share in self.steal_shares[case.key] if share is not None]
         return {
             "ttft_s": summarize(self.ttft_s[case.key]),
             "decode_tok_s": summarize(self.decode_tok_s[case.key]),
+            "cpu_steal_share": summarize(steals) if steals else None,
             **self.extra.get(case.key, {}),
         }
 
@@ -246,7 +252,9 @@ def run_speed_bench(args) -> dict:
     config, tokenizer = second.config, second.tokenizer
     cases = bench_cases(tokenizer, config.max_position_embeddings, args.prompt_lengths, args.gen_lengths, args.max_new_tokens)
     schemes = tuple(dict.fromkeys(args.scheme or DEFAULT_SCHEMES))
+    started = read_cpu_times()
     runners = time_round_robin(second, schemes, cases, args)
+    bench_steal = steal_share(started, read_cpu_times())
     reports = [case_report(case, runners, config) for case in cases]
     headline = reports[0]
     load_target = target(
@@ -263,6 +271,7 @@ def run_speed_bench(args) -> dict:
         "pads": args.pads,
         "repeats": args.repeats,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "cpu_steal_share": bench_steal,  # the whole timed part, warm-up included; per run in each result
         "load": {
             "first_s": first.details["load_s"],
             "first_cache_hit": first.details.get("cache_hit"),
@@ -361,7 +370,7 @@ def to_markdown(report: dict) -> str:
         f"{report['model']}: {report['channel']} channel, device {report['device']}, pads {report['pads']}, "
         f"threads per process {report['threads']}; enclave share of blinded products {report.get('enclave_share', {})}; "
         f"median (min-max) of {report['repeats']} runs, round-robin; "
-        f"code {report.get('source_commit') or 'unknown'}",
+        f"code {report.get('source_commit') or 'unknown'}; {_steal_words(report.get('cpu_steal_share'))}",
         "",
         *case_markdown(report),
     ]
@@ -380,22 +389,30 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _steal_words(share: float | None) -> str:
+    if share is None:
+        return "host steal time not readable here"
+    return f"the host took {share * 100:.1f}% of this VM's CPU time while it ran (steal)"
+
+
 def case_markdown(case: dict) -> list[str]:
     results, ratios = case["results"], case["ratios"]
     lines = [
         f"{case['prompt_tokens']}-token prompt, {case['new_tokens']} new tokens:",
         "",
-        "| runner | time to first token, ms | decode, tokens/s | decode vs transformers | vs plain | vs enclave |",
-        "|---|---|---|---|---|---|",
+        "| runner | time to first token, ms | decode, tokens/s | decode vs transformers | vs plain | vs enclave "
+        "| host steal, % of CPU time (max) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, result in results.items():
-        ttft, decode = result["ttft_s"], result["decode_tok_s"]
+        ttft, decode, steal = result["ttft_s"], result["decode_tok_s"], result.get("cpu_steal_share")
         ratio = ratios[name]
         cell = lambda key: f"{ratio[key]:.2f}x" if key in ratio else "-"  # noqa: E731
+        steal_cell = f"{steal['median'] * 100:.1f} ({steal['max'] * 100:.1f})" if steal else "-"
         lines.append(
             f"| {name} | {ttft['median'] * 1000:.1f} ({ttft['min'] * 1000:.1f}-{ttft['max'] * 1000:.1f}) "
             f"| {decode['median']:.1f} ({decode['min']:.1f}-{decode['max']:.1f}) "
-            f"| {cell('decode_vs_transformers')} | {cell('decode_vs_plain')} | {cell('decode_vs_enclave')} |"
+            f"| {cell('decode_vs_transformers')} | {cell('decode_vs_plain')} | {cell('decode_vs_enclave')} | {steal_cell} |"
         )
     schemes = {name: r for name, r in results.items() if "measured_per_token" in r}
     if schemes:
