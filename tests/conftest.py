@@ -91,3 +91,13 @@ def int8_route(request, monkeypatch):
     else:
         monkeypatch.setattr(field, "_compiled_route", lambda values, weight_t, backend: None)
     return request.param
+
+
+@pytest.fixture
+def torch_threads(request):
+    """torch on this many threads for the test (default 2, where a large narrow weight is packed; on one, a VNNI
+    CPU's few-row products take the compiled loop), restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(getattr(request, "param", 2))
+    yield torch.get_num_threads()
+    torch.set_num_threads(previous)

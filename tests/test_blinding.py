@@ -55,16 +55,6 @@ def _has_vnni() -> bool:
     return "avx512_vnni" in open("/proc/cpuinfo").read().split()
 
 
-@pytest.fixture
-def torch_threads(request):
-    """torch on this many threads for the test (default 2, where a large narrow weight is packed; on one, a VNNI
-    CPU's few-row products take the compiled loop), restored after it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(getattr(request, "param", 2))
-    yield torch.get_num_threads()
-    torch.set_num_threads(previous)
-
-
 # ragged widths (a partial last 64-byte lane, a lone one), ragged output counts (a partial last pass of 4)
 @pytest.mark.parametrize("inner", [1, 63, 65, 577])
 @pytest.mark.parametrize("rows", [1, 2, 3])

@@ -85,3 +85,20 @@ def test_config_counts_parameters_like_transformers():
         _, reference = ours_and_reference(tie_word_embeddings=tie)
         config = ModelConfig.from_hf_config(reference.config.to_dict())
         assert config.num_parameters() == sum(p.numel() for p in reference.parameters())
+
+
+@pytest.mark.parametrize("torch_threads", [1, 2], indirect=True)
+def test_rms_norm_equals_transformers_bit_for_bit(torch_threads):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from secureinfer.model.llama import rms_norm
+
+    generator = torch.Generator().manual_seed(5)
+    for width in (64, 576, 2048):
+        for rows in (1, 7, 43, 512):
+            for scale in (1e-3, 1.0, 30.0):
+                x = torch.randn(1, rows, width, generator=generator) * scale
+                reference = LlamaRMSNorm(width, eps=1e-5)
+                reference.weight.data = torch.randn(width, generator=generator)
+                with torch.no_grad():
+                    assert torch.equal(rms_norm(x, reference.weight, 1e-5), reference(x)), (width, rows, scale)
