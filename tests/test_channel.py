@@ -32,11 +32,11 @@ from secureinfer.channel.wire import (
     READ_AHEAD_BYTES,
     READY,
     ProtocolError,
+    SocketReader,
     decode_frame,
     encode_frame,
     read_frame,
     send_frame,
-    socket_reader,
 )
 from secureinfer.device import DeviceEndpoint
 from secureinfer.device.__main__ import EXIT_BAD_FRAME, serve
@@ -87,7 +87,10 @@ def test_wire_round_trips_every_dtype_and_odd_shapes(dtype):
         "transposed": grid.t(),
         "sliced": grid[1:3, ::2],
         "expanded": sample(dtype, (1, 3)).expand(4, 3),
+        "offset": grid[2:],  # contiguous, starting inside its storage
     }
+    if dtype.is_floating_point:
+        tensors["trainable"] = sample(dtype, (2, 2)).requires_grad_()
     assert not any(t.is_contiguous() for t in (tensors["transposed"], tensors["sliced"], tensors["expanded"]))
     meta = {"step": 3, "pad": [2, 0], "note": "é"}
     encoded = encode_frame("run", meta, tensors)
@@ -119,25 +122,42 @@ def test_wire_over_a_socket_survives_partial_sends():
         sender = threading.Thread(target=send_frame, args=(left, encode_frame("big", {"n": 1}, tensors)))
         sender.start()
         right.settimeout(30)
-        frame = read_frame(socket_reader(right))
+        frame = read_frame(SocketReader(right))
         sender.join()
         left.close()
         with pytest.raises(EOFError):  # a peer hanging up is not a malformed frame
-            read_frame(socket_reader(right))
+            read_frame(SocketReader(right))
     assert frame.kind == "big" and all(torch.equal(frame.tensors[n], t) for n, t in tensors.items())
 
 
-def test_one_reader_splits_frames_that_arrive_together():
-    """The reader reads ahead: frames sent back to back in one write, small ones and ones past the read-ahead,
-    and ones cut at every odd place, each come out whole and in order, and then a hang-up reads as EOF."""
-    frames = [
-        encode_frame("small", {"i": 0}, {"v": torch.arange(7), "empty": torch.ones(0, 3)}),
-        encode_frame("none", {"i": 1}, {}),
-        encode_frame("large", {"i": 2}, {"w": torch.randn(3, READ_AHEAD_BYTES // 4 + 5)}),
-        encode_frame("small", {"i": 3}, {"b": torch.randn(5).to(torch.bfloat16), "s": torch.tensor(2.5)}),
+class ChunkedSocket(socket.socket):
+    """A socket whose every receive returns at most `most` bytes, so a reader meets frame pieces of every size."""
+
+    most = 0
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        return super().recv_into(buffer, min(nbytes or len(buffer), self.most), flags)
+
+
+@pytest.mark.parametrize("most_per_receive", [None, 4099, 7])
+def test_one_reader_splits_frames_that_arrive_together(most_per_receive):
+    """The reader reads ahead: frames sent back to back in one write, small ones, ones with tensors or a header
+    past the read-ahead, and ones cut at every odd place (by the sender and by what one receive returns), each
+    come out whole and in order, and then a hang-up reads as EOF."""
+    sent_tensors = [
+        {"v": torch.arange(7), "empty": torch.ones(0, 3)},
+        {},
+        {"w": torch.randn(3, READ_AHEAD_BYTES // 4 + 5)},
+        {"b": torch.randn(5).to(torch.bfloat16), "s": torch.tensor(2.5)},
+        {"v": torch.arange(3)},
     ]
+    metas = [{"i": 0}, {"i": 1}, {"i": 2}, {"i": 3}, {"i": 4, "note": "x" * (READ_AHEAD_BYTES + 7)}]
+    frames = [encode_frame(f"k{i}", meta, tensors) for i, (meta, tensors) in enumerate(zip(metas, sent_tensors))]
     stream = b"".join(frame.to_bytes() for frame in frames) * 2
     left, right = socket.socketpair()
+    if most_per_receive is not None:
+        right = ChunkedSocket(right.family, right.type, fileno=right.detach())
+        right.most = most_per_receive
     with left, right:
         def send_in_odd_pieces():
             for start in range(0, len(stream), 4099):
@@ -147,15 +167,14 @@ def test_one_reader_splits_frames_that_arrive_together():
         sender = threading.Thread(target=send_in_odd_pieces)
         sender.start()
         right.settimeout(30)
-        read_into = socket_reader(right, spin_s=1e-3)
-        received = [read_frame(read_into) for _ in range(2 * len(frames))]
+        reader = SocketReader(right, spin_s=1e-3)
+        received = [read_frame(reader) for _ in range(2 * len(frames))]
         with pytest.raises(EOFError):
-            read_frame(read_into)
+            read_frame(reader)
         sender.join()
-    for got, sent in zip(received, [*frames, *frames]):
-        expected = decode_frame(sent.to_bytes())
-        assert (got.kind, got.meta, list(got.tensors)) == (expected.kind, expected.meta, list(expected.tensors))
-        assert all(torch.equal(got.tensors[name], tensor) for name, tensor in expected.tensors.items())
+    for got, (i, meta, tensors) in zip(received, [*zip(range(5), metas, sent_tensors)] * 2):
+        assert (got.kind, got.meta, list(got.tensors)) == (f"k{i}", meta, list(tensors))
+        assert all(torch.equal(got.tensors[name], tensor) for name, tensor in tensors.items())
 
 
 def raw_frame(header, payload: bytes = b"", payload_len: int | None = None) -> bytes:
@@ -404,10 +423,10 @@ def test_device_answers_a_malformed_frame_with_an_error_and_stops():
         server = threading.Thread(target=lambda: outcome.update(code=serve(theirs, DeviceEndpoint())))
         server.start()
         ours.settimeout(10)
-        read_into = socket_reader(ours)
-        assert read_frame(read_into).kind == READY
+        reader = SocketReader(ours)
+        assert read_frame(reader).kind == READY
         ours.sendall(MALFORMED["not JSON"])
-        reply = read_frame(read_into)
+        reply = read_frame(reader)
         server.join(timeout=10)
     assert reply.kind == ERROR and "malformed frame" in reply.meta["message"]
     assert outcome == {"code": EXIT_BAD_FRAME}

@@ -20,7 +20,7 @@ import weakref
 from typing import IO, Sequence
 
 from .base import Channel, DeviceDied, DeviceError, DeviceProtocolError, DeviceTimeout
-from .wire import READY, SPIN_S, EncodedFrame, Frame, ProtocolError, read_frame, send_frame, socket_reader
+from .wire import READY, SPIN_S, EncodedFrame, Frame, ProtocolError, SocketReader, read_frame, send_frame
 
 EXIT_GRACE_S = 5.0  # how long a device that hung up may take to exit before it is killed
 CLOSE_GRACE_S = 30.0  # how long a device may take to exit after `close`, or after EOF (writing a view)
@@ -73,11 +73,11 @@ class ProcessChannel(Channel):
             theirs.close()
         self._sock = ours
         self._finalizer = weakref.finalize(self, _shutdown, self.process, ours, self._stderr, CLOSE_GRACE_S)
-        self._read_into = socket_reader(ours, SPIN_S)
+        self._reader = SocketReader(ours, SPIN_S)
         try:
             ours.settimeout(startup_timeout_s)
             try:
-                ready = read_frame(self._read_into)
+                ready = read_frame(self._reader)
             except TRANSPORT_ERRORS as error:
                 raise self._transport_error(error, STARTUP, startup_timeout_s) from None
             if ready.kind != READY:
@@ -107,7 +107,7 @@ class ProcessChannel(Channel):
 
     def _receive(self, kind: str) -> Frame:
         try:
-            return read_frame(self._read_into)
+            return read_frame(self._reader)
         except TRANSPORT_ERRORS as error:
             raise self._transport_error(error, f"request {kind!r}", self.timeout_s) from None
 

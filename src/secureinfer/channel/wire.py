@@ -4,7 +4,8 @@ One frame is a 16-byte prefix (two little-endian u64: header length, payload len
 header `{"kind", "meta", "tensors": [{"name", "dtype", "shape", "nbytes"}, ...]}`, then the
 tensors' raw bytes (contiguous, native little-endian) concatenated in header order.
 
-Sending writes each tensor's own memory (no copy for a contiguous CPU tensor). Receiving allocates
+Sending writes each tensor's own memory (no copy for a contiguous CPU tensor). Receiving parses the
+prefix and header where they were read (a view of the reader's read-ahead, no copy), then allocates
 each tensor (through numpy, a third of torch.empty's cost, for every dtype numpy has) and reads the
 socket straight into it: one copy off the socket, and no decoded tensor aliases another or a shared
 buffer.
@@ -19,8 +20,9 @@ import select
 import socket
 import struct
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import orjson
@@ -30,7 +32,7 @@ from torch import Tensor
 PREFIX = struct.Struct("<QQ")  # header-JSON length, payload length
 MAX_HEADER_BYTES = 64 << 20
 IOV_MAX = 1024  # Linux caps the buffers one sendmsg call may take
-# How long each side polls for the other's next frame before it sleeps (see socket_reader). Most replies
+# How long each side polls for the other's next frame before it sleeps (see SocketReader). Most replies
 # and requests of a decode step come within it; measured on this 2-core VM, it took secureinfer's decode
 # from 8.6 to 12.9 tokens/s (a 24 KB round trip: 84 -> 48 us). A wait past it sleeps as before.
 SPIN_S = 1e-3
@@ -51,6 +53,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+ITEMSIZES = {dtype: dtype.itemsize for dtype in DTYPES.values()}
 # numpy has every dtype a frame carries but bfloat16, which is allocated through torch.
 NUMPY_DTYPES = {dtype: np.dtype(name) for name, dtype in DTYPES.items() if dtype != torch.bfloat16}
 
@@ -61,7 +64,6 @@ ERROR = "error"
 READY = "ready"
 
 Tensors = dict[str, Tensor]
-ReadInto = Callable[[memoryview], None]  # fills the whole view, or raises
 
 
 class ProtocolError(ValueError):
@@ -115,11 +117,13 @@ def encode_frame(kind: str, meta: dict[str, Any], tensors: Tensors) -> EncodedFr
 
 def _tensor_bytes(tensor: Tensor) -> memoryview:
     """The tensor's bytes; a view of its own memory when it is already contiguous on the CPU."""
+    try:  # the common case, tried first: asking torch whether it holds costs as much as viewing the tensor
+        return memoryview(tensor.numpy()).cast("B")
+    except (TypeError, RuntimeError):  # strided, empty, bfloat16, not on the CPU, or requiring grad
+        pass
     if not (tensor.is_cpu and tensor.is_contiguous()):
         tensor = tensor.to("cpu").contiguous()
-    if tensor.requires_grad:  # asked first: detaching every tensor costs as much as viewing it
-        tensor = tensor.detach()
-    return _byte_view(tensor)
+    return _byte_view(tensor.detach())
 
 
 def _byte_view(tensor: Tensor) -> memoryview:
@@ -130,24 +134,20 @@ def _byte_view(tensor: Tensor) -> memoryview:
     return memoryview(tensor.numpy()).cast("B")
 
 
-def read_frame(read_into: ReadInto) -> Frame:
-    """Read one frame through `read_into`, validating the header before allocating any tensor."""
-    prefix = bytearray(PREFIX.size)
-    read_into(memoryview(prefix))
-    header_len, payload_len = PREFIX.unpack(prefix)
+def read_frame(reader: FrameReader) -> Frame:
+    """Read one frame from `reader`, validating the header before allocating any tensor."""
+    header_len, payload_len = PREFIX.unpack(reader.take(PREFIX.size))
     if header_len > MAX_HEADER_BYTES:
         raise ProtocolError(f"frame header claims {header_len} bytes; the limit is {MAX_HEADER_BYTES}")
-    header = bytearray(header_len)
-    read_into(memoryview(header))
-    kind, meta, specs = _parse_header(header)
+    kind, meta, specs = _parse_header(reader.take(header_len))
     declared = sum(nbytes for _, _, _, nbytes in specs)
     if declared != payload_len:
         raise ProtocolError(f"frame prefix says {payload_len} payload bytes but its tensors add up to {declared}")
-    tensors = {name: _received_tensor(read_into, name, dtype, shape, nbytes) for name, dtype, shape, nbytes in specs}
+    tensors = {name: _received_tensor(reader, name, dtype, shape, nbytes) for name, dtype, shape, nbytes in specs}
     return Frame(kind, meta, tensors, PREFIX.size + header_len + payload_len, payload_len)
 
 
-def _received_tensor(read_into: ReadInto, name: str, dtype: torch.dtype, shape: list[int], nbytes: int) -> Tensor:
+def _received_tensor(reader: FrameReader, name: str, dtype: torch.dtype, shape: list[int], nbytes: int) -> Tensor:
     """A new tensor filled from the stream."""
     numpy_dtype = NUMPY_DTYPES.get(dtype)
     try:
@@ -157,67 +157,89 @@ def _received_tensor(read_into: ReadInto, name: str, dtype: torch.dtype, shape: 
     except (MemoryError, RuntimeError, ValueError) as error:
         raise ProtocolError(f"cannot allocate tensor {name!r} of {nbytes} bytes: {error}") from None
     if nbytes:
-        read_into(_byte_view(tensor) if array is None else memoryview(array).cast("B"))
+        reader.read_into(_byte_view(tensor) if array is None else memoryview(array).cast("B"))
     return tensor
 
 
-def _parse_header(raw: bytearray) -> tuple[str, dict[str, Any], list[tuple[str, torch.dtype, list[int], int]]]:
+# orjson builds exact types, never subclasses; so `type(x) is int` rules out a bool in one test, where this
+# check runs on each of a token's 242 frames.
+
+
+def _parse_header(raw: memoryview) -> tuple[str, dict[str, Any], list[tuple[str, torch.dtype, list[int], int]]]:
     try:
         header = orjson.loads(raw)  # strict RFC 8259 (no NaN), UTF-8 checked, nesting capped at 255
     except orjson.JSONDecodeError as error:
         raise ProtocolError(f"frame header is not UTF-8 JSON: {error}") from None
-    if not (
-        isinstance(header, dict)
-        and isinstance(header.get("kind"), str)
-        and isinstance(header.get("meta"), dict)
-        and isinstance(header.get("tensors"), list)
-    ):
-        raise ProtocolError("a frame header is an object with a string `kind`, an object `meta` and a list `tensors`")
-    specs = [_tensor_spec(entry) for entry in header["tensors"]]
-    names = [name for name, _, _, _ in specs]
-    if len(set(names)) != len(names):
-        raise ProtocolError(f"frame names a tensor twice: {names}")
-    return header["kind"], header["meta"], specs
+    if type(header) is dict:
+        kind, meta, entries = header.get("kind"), header.get("meta"), header.get("tensors")
+        if type(kind) is str and type(meta) is dict and type(entries) is list:
+            specs = [_tensor_spec(entry) for entry in entries]
+            names = {name for name, _, _, _ in specs}
+            if len(names) != len(specs):
+                raise ProtocolError(f"frame names a tensor twice: {[name for name, _, _, _ in specs]}")
+            return kind, meta, specs
+    raise ProtocolError("a frame header is an object with a string `kind`, an object `meta` and a list `tensors`")
 
 
 def _tensor_spec(entry: Any) -> tuple[str, torch.dtype, list[int], int]:
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+    if type(entry) is not dict or type(name := entry.get("name")) is not str:
         raise ProtocolError(f"tensor entry {entry!r} is not an object with a string `name`")
-    name, dtype_name, shape, nbytes = entry["name"], entry.get("dtype"), entry.get("shape"), entry.get("nbytes")
-    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+    dtype_name, shape, nbytes = entry.get("dtype"), entry.get("shape"), entry.get("nbytes")
+    dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
+    if dtype is None:
         raise ProtocolError(f"tensor {name!r} has unknown dtype {dtype_name!r}; allowed: {sorted(DTYPES)}")
-    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+    if type(shape) is not list or not all(type(dim) is int and dim >= 0 for dim in shape):
         raise ProtocolError(f"tensor {name!r} has shape {shape!r}; a shape is a list of non-negative integers")
-    if not _is_count(nbytes):
+    if type(nbytes) is not int or nbytes < 0:
         raise ProtocolError(f"tensor {name!r} has nbytes {nbytes!r}; expected a non-negative integer")
-    dtype = DTYPES[dtype_name]
-    expected = math.prod(shape) * dtype.itemsize
+    expected = math.prod(shape) * ITEMSIZES[dtype]
     if expected != nbytes:
         raise ProtocolError(f"tensor {name!r}: shape {shape} of {dtype_name} is {expected} bytes, not {nbytes}")
     return name, dtype, shape, nbytes
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def decode_frame(data: bytes) -> Frame:
     """Decode one frame held whole in `data`; a short or over-long buffer is a ProtocolError."""
-    source = memoryview(data).cast("B")
-    offset = 0
-
-    def read_into(target: memoryview) -> None:
-        nonlocal offset
-        end = offset + target.nbytes
-        if end > source.nbytes:
-            raise ProtocolError(f"frame is truncated: needs more than its {source.nbytes} bytes")
-        target[:] = source[offset:end]
-        offset = end
-
-    frame = read_frame(read_into)
-    if offset != source.nbytes:
-        raise ProtocolError(f"{source.nbytes - offset} stray bytes after the end of the frame")
+    reader = BufferReader(data)
+    frame = read_frame(reader)
+    if reader.unread:
+        raise ProtocolError(f"{reader.unread} stray bytes after the end of the frame")
     return frame
+
+
+class FrameReader(ABC):
+    """Where `read_frame` reads from: a byte stream read in order, each read either whole or raising."""
+
+    @abstractmethod
+    def take(self, nbytes: int) -> memoryview:
+        """The next `nbytes`, as a view that is valid only until the next read (for the prefix and header, which
+        are parsed at once: no copy and no allocation for a small frame)."""
+
+    @abstractmethod
+    def read_into(self, target: memoryview) -> None:
+        """Fill the whole of `target` with the next bytes (for tensors, which keep them)."""
+
+
+class BufferReader(FrameReader):
+    """Reads a frame held whole in memory; reading past its end is a truncated frame."""
+
+    def __init__(self, data: bytes):
+        self._data = memoryview(data).cast("B")
+        self._offset = 0
+
+    @property
+    def unread(self) -> int:
+        return self._data.nbytes - self._offset
+
+    def take(self, nbytes: int) -> memoryview:
+        start, end = self._offset, self._offset + nbytes
+        if end > self._data.nbytes:
+            raise ProtocolError(f"frame is truncated: needs more than its {self._data.nbytes} bytes")
+        self._offset = end
+        return self._data[start:end]
+
+    def read_into(self, target: memoryview) -> None:
+        target[:] = self.take(target.nbytes)
 
 
 # Timeouts are the socket's own (`sock.settimeout`): each send or receive waits at most that long.
@@ -239,8 +261,8 @@ def send_frame(sock: socket.socket, frame: EncodedFrame) -> None:
                 sent = 0
 
 
-def socket_reader(sock: socket.socket, spin_s: float = 0.0) -> ReadInto:
-    """A `read_into` over a stream socket. EOF raises EOFError: the peer is gone, not malformed.
+class SocketReader(FrameReader):
+    """Reads a stream socket. EOF raises EOFError: the peer is gone, not malformed.
 
     It reads ahead up to READ_AHEAD_BYTES of what has arrived, and serves later reads from that first; so one
     reader must serve the whole stream. With `spin_s`, a read that finds nothing read ahead first polls the
@@ -248,34 +270,60 @@ def socket_reader(sock: socket.socket, spin_s: float = 0.0) -> ReadInto:
     awake: its send wakes no sleeping process, and on a VM that wake-up (an inter-processor interrupt through
     the hypervisor) costs more than a small message.
     """
-    readable = select.poll()
-    readable.register(sock, select.POLLIN)
-    ahead = memoryview(bytearray(READ_AHEAD_BYTES))
-    held = [0, 0]  # the unread part of `ahead`: [start, end)
 
-    def read_into(target: memoryview) -> None:
-        start, end = held
-        got = min(end - start, target.nbytes)
+    def __init__(self, sock: socket.socket, spin_s: float = 0.0):
+        self._sock, self._spin_s = sock, spin_s
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
+        self._ahead = memoryview(bytearray(READ_AHEAD_BYTES))
+        self._start = self._end = 0  # the unread part of `_ahead`: [start, end)
+
+    def take(self, nbytes: int) -> memoryview:
+        start = self._start
+        if self._end - start >= nbytes:
+            self._start = start + nbytes
+            return self._ahead[start : start + nbytes]
+        if nbytes > READ_AHEAD_BYTES:
+            target = memoryview(bytearray(nbytes))
+            self.read_into(target)
+            return target
+        held = self._end - start  # moved to the front, so the rest arrives after it
+        self._ahead[:held] = self._ahead[start : self._end]
+        self._start, self._end = 0, held
+        if not held:
+            self._await_data()
+        while self._end < nbytes:
+            self._end += self._receive(self._ahead[self._end :])
+        self._start = nbytes
+        return self._ahead[:nbytes]
+
+    def read_into(self, target: memoryview) -> None:
+        start, wanted = self._start, target.nbytes
+        got = min(self._end - start, wanted)
         if got:
-            target[:got] = ahead[start : start + got]
-            held[0] = start + got
-            if got == target.nbytes:
+            target[:got] = self._ahead[start : start + got]
+            self._start = start + got
+            if got == wanted:
                 return
-        if spin_s:
-            deadline = time.perf_counter() + spin_s
-            while not readable.poll(0) and time.perf_counter() < deadline:
-                pass
-        while got < target.nbytes:
-            wanted = target.nbytes - got
-            n = sock.recv_into(target[got:] if wanted >= READ_AHEAD_BYTES else ahead)
-            if n == 0:
-                raise EOFError("the peer closed the connection")
-            if wanted >= READ_AHEAD_BYTES:
-                got += n
+        self._await_data()
+        while got < wanted:
+            if wanted - got >= READ_AHEAD_BYTES:
+                got += self._receive(target[got:])
                 continue
-            used = min(n, wanted)
-            target[got : got + used] = ahead[:used]
-            held[0], held[1] = used, n
+            n = self._receive(self._ahead)
+            used = min(n, wanted - got)
+            target[got : got + used] = self._ahead[:used]
+            self._start, self._end = used, n
             got += used
 
-    return read_into
+    def _receive(self, into: memoryview) -> int:
+        n = self._sock.recv_into(into)
+        if n == 0:
+            raise EOFError("the peer closed the connection")
+        return n
+
+    def _await_data(self) -> None:
+        if self._spin_s:
+            deadline = time.perf_counter() + self._spin_s
+            while not self._readable.poll(0) and time.perf_counter() < deadline:
+                pass

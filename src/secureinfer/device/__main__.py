@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from ..channel.wire import ERROR, READY, SPIN_S, ProtocolError, encode_frame, read_frame, send_frame, socket_reader
+from ..channel.wire import ERROR, READY, SPIN_S, ProtocolError, SocketReader, encode_frame, read_frame, send_frame
 from ..errors import SecureInferError
 from .endpoint import DeviceEndpoint
 from .recorder import ViewRecorder
@@ -23,12 +23,12 @@ EXIT_OK, EXIT_CANNOT_START, EXIT_BAD_FRAME = 0, 2, 3
 
 
 def serve(sock: socket.socket, endpoint: DeviceEndpoint) -> int:
-    read_into = socket_reader(sock, SPIN_S)
+    reader = SocketReader(sock, SPIN_S)
     try:
         send_frame(sock, encode_frame(READY, {}, {}))
         while True:
             try:
-                request = read_frame(read_into)
+                request = read_frame(reader)
             except EOFError:
                 return EXIT_OK  # the enclave is gone; nothing more will come
             except ProtocolError as error:
