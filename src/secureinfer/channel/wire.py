@@ -53,7 +53,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-ITEMSIZES = {dtype: dtype.itemsize for dtype in DTYPES.values()}
 # numpy has every dtype a frame carries but bfloat16, which is allocated through torch.
 NUMPY_DTYPES = {dtype: np.dtype(name) for name, dtype in DTYPES.items() if dtype != torch.bfloat16}
 
@@ -161,11 +160,9 @@ def _received_tensor(reader: FrameReader, name: str, dtype: torch.dtype, shape: 
     return tensor
 
 
-# orjson builds exact types, never subclasses; so `type(x) is int` rules out a bool in one test, where this
-# check runs on each of a token's 242 frames.
-
-
 def _parse_header(raw: memoryview) -> tuple[str, dict[str, Any], list[tuple[str, torch.dtype, list[int], int]]]:
+    """The header's kind, meta and tensor specs, checked. orjson builds exact types, never subclasses, so the
+    checks ask `type(x) is int`, which also rules out a bool, in one test: they run on every frame."""
     try:
         header = orjson.loads(raw)  # strict RFC 8259 (no NaN), UTF-8 checked, nesting capped at 255
     except orjson.JSONDecodeError as error:
@@ -192,7 +189,7 @@ def _tensor_spec(entry: Any) -> tuple[str, torch.dtype, list[int], int]:
         raise ProtocolError(f"tensor {name!r} has shape {shape!r}; a shape is a list of non-negative integers")
     if type(nbytes) is not int or nbytes < 0:
         raise ProtocolError(f"tensor {name!r} has nbytes {nbytes!r}; expected a non-negative integer")
-    expected = math.prod(shape) * ITEMSIZES[dtype]
+    expected = math.prod(shape) * dtype.itemsize
     if expected != nbytes:
         raise ProtocolError(f"tensor {name!r}: shape {shape} of {dtype_name} is {expected} bytes, not {nbytes}")
     return name, dtype, shape, nbytes
