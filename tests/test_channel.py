@@ -24,6 +24,7 @@ from secureinfer.channel import (
     DeviceTimeout,
     open_channel,
 )
+from secureinfer.channel import base as channel_base
 from secureinfer.channel.wire import (
     DTYPES,
     ERROR,
@@ -307,20 +308,31 @@ def test_inprocess_channel_copies_tensors_both_ways(model):
         assert channel.endpoint.weights["embed"].data_ptr() != model.weights.embed.data_ptr()
 
 
-def test_work_done_while_waiting_is_not_counted_and_its_error_keeps_the_stream_in_step(channel, model):
+class FrozenClock:
+    """A perf_counter that moves only when a test moves it: the channel's time sums become exact."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_work_done_while_waiting_is_not_counted_and_its_error_keeps_the_stream_in_step(channel, model, monkeypatch):
     channel.request("hello", {"config": model.config.to_dict()})
     channel.counters.reset()
-    order = []
+    order, clock = [], FrozenClock()
+    monkeypatch.setattr(channel_base, "time", clock)
 
     def overlapped():
         order.append("overlapped")
-        time.sleep(0.05)
+        clock.now += 0.05  # the enclave's work while the device serves the request
 
     meta, _ = channel.request("put_sealed", {}, {"b": torch.arange(4)}, while_waiting=overlapped)
     order.append("reply")
     assert order == ["overlapped", "reply"] and meta["sealed"] == 1
     counters = channel.counters
-    assert counters.overlapped_s >= 0.05 > counters.wait_s and counters.transfer_s <= counters.wait_s
+    assert counters.overlapped_s == 0.05 and counters.wait_s == 0.0 == counters.transfer_s
 
     def failing():
         raise ValueError("found while waiting")
