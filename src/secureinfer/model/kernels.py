@@ -7,7 +7,6 @@ boundary without changing its numerics. The composition matches `llama.Llama.for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Callable, Mapping
 
 import torch
@@ -18,7 +17,7 @@ from ..crypto.field import field_matmul
 from ..crypto.quant import QuantizedWeight, int8_linear
 from ..plan.ops import OPS, weight_names
 from .config import ModelConfig
-from .llama import KVCache, LayerWeights, LlamaWeights, attention_mask, rms_norm, rotate_pairs, swiglu
+from .llama import KVCache, LayerWeights, LlamaWeights, apply_rope, attention_mask, rms_norm, rotate_pairs, swiglu
 
 
 @dataclass
@@ -48,17 +47,6 @@ class StepContext:
         mask = None if (pad is None and (length == 1 or start == 0)) else attention_mask(start, length, pad)
         causal = mask is None and length > 1
         return cls(config, start, batch, length, pad, pos, rope[0][pos], rope[1][pos], mask, causal, last_only)
-
-    @cached_property
-    def rope_factors(self) -> tuple[Tensor, Tensor]:
-        """cos, and sin with its first half negated, as [1 or B, length, 1, head_dim]: once a step for every layer.
-
-        With the rotation's sign folded into sin, a pair turns as x cos + roll(x, head_dim/2) sin: the same two
-        products as `rotate_pairs` (x_j (-sin) is -(x_j) sin exactly), with no negation or concatenation of x.
-        """
-        half = self.config.head_dim // 2
-        signed_sin = torch.cat((-self.sin[..., :half], self.sin[..., half:]), dim=-1)
-        return self.cos.unsqueeze(2), signed_sin.unsqueeze(2)
 
 
 Values = dict[str, Tensor]
@@ -131,13 +119,8 @@ def _rope(v: Values, w: Weights, layer: int, ctx: StepContext) -> None:
     if (keyed := w.get(f"layers.{layer}.rope_inv_freq")) is not None:
         _keyed_rope(v, keyed, ctx)
         return
-    # q and k turn together, positions-first: one call, and no transposed copies (~0.4x the time of two calls
-    # over heads-first views, a decode step's RoPE in the enclave).
-    q_width, half = v["q"].shape[-1], cfg.head_dim // 2
-    both = torch.cat((v["q"], v["k"]), dim=-1).view(ctx.batch, ctx.length, -1, cfg.head_dim)
-    cos, signed_sin = ctx.rope_factors
-    turned = (both * cos + both.roll(half, dims=-1) * signed_sin).view(ctx.batch, ctx.length, -1)
-    v["q"], v["k"] = turned.split([q_width, turned.shape[-1] - q_width], dim=-1)
+    v["q"] = _flat(apply_rope(_heads(v["q"], ctx, cfg.num_heads), ctx.cos, ctx.sin), ctx)
+    v["k"] = _flat(apply_rope(_heads(v["k"], ctx, cfg.num_kv_heads), ctx.cos, ctx.sin), ctx)
 
 
 def _keyed_rope(v: Values, inv_freq: Tensor, ctx: StepContext) -> None:
