@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from device_session import PROMPT, PROMPT_PAD, greedy_steps, run_meta, start_device, tiny_model, whole_forward
+from fake_clock import FakeClock
 from secureinfer.channel import (
     DeviceDied,
     DeviceError,
@@ -308,20 +309,10 @@ def test_inprocess_channel_copies_tensors_both_ways(model):
         assert channel.endpoint.weights["embed"].data_ptr() != model.weights.embed.data_ptr()
 
 
-class FrozenClock:
-    """A perf_counter that moves only when a test moves it: the channel's time sums become exact."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-
 def test_work_done_while_waiting_is_not_counted_and_its_error_keeps_the_stream_in_step(channel, model, monkeypatch):
     channel.request("hello", {"config": model.config.to_dict()})
     channel.counters.reset()
-    order, clock = [], FrozenClock()
+    order, clock = [], FakeClock()
     monkeypatch.setattr(channel_base, "time", clock)
 
     def overlapped():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import secureinfer
+from fake_clock import FakeClock
 from secureinfer import IntegrityError  # exported at the top, as the README shows
 from secureinfer.attacks.tamper import MODES, run_tamper_attack, tamper_replies
 from secureinfer.channel import base as channel_base
@@ -17,32 +18,13 @@ from secureinfer.plan.ops import weight_names
 PROMPT = "the quick brown fox jumps over"
 
 
-class WorkClock:
-    """A perf_counter that moves one tick per piece of the enclave's overlappable work and never otherwise, so the
-    time sums below are exact counts: scheduling noise on a shared machine cannot move them."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-    def ticking(self, work):
-        def timed_work(*args, **kwargs):
-            result = work(*args, **kwargs)
-            self.now += 1.0
-            return result
-
-        return timed_work
-
-
 @pytest.mark.parametrize("enclave_share", [0.0, 0.5])
 def test_hardened_equals_plain_int8_with_a_thousand_checks_and_no_false_alarm(tiny_gguf, enclave_share, monkeypatch):
     # The tiny model's context ends at 128 positions: a one-word prompt leaves room for ~125 forwards.
     with secureinfer.load(tiny_gguf, "plain-int8", progress=False) as reference:
         expected = reference.generate("the", max_new_tokens=200, ignore_eos=True).tokens
     with secureinfer.load(tiny_gguf, "hardened", progress=False, enclave_share=enclave_share) as lm:
-        clock = WorkClock()
+        clock = FakeClock()  # one tick per piece of the enclave's overlappable work
         for module in (runtime_module, channel_base):
             monkeypatch.setattr(module, "time", clock)
         for name in ("signed_matmul", "verify_products"):  # the enclave's columns, a batch of checks
