@@ -24,6 +24,7 @@ import torch
 
 from ..api import SecureLM
 from ..data import EVAL_TEXT
+from ..device.endpoint import torch_device
 from ..engine import GenerationConfig, Generator
 from ..errors import InvalidRequestError
 from ..model import Checkpoint, Llama, load_checkpoint
@@ -106,20 +107,24 @@ class _TokenClock:
         pass
 
 
-def transformers_runner(checkpoint: Checkpoint) -> Runner:
+def transformers_runner(checkpoint: Checkpoint, device: str = "cpu") -> Runner:
+    """transformers' `generate` on `device`: the schemes' device side, so that T1 sets `plain` beside
+    transformers on the same hardware (on a GPU, the GPU-only baseline of the papers)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig(**checkpoint.config.to_hf_config())).eval()
     model.load_state_dict(checkpoint.weights, strict=not checkpoint.config.tie_word_embeddings)
+    model.to(torch_device(device))  # a clear error where the device is missing, as the schemes give
     model.generation_config.eos_token_id = None  # exactly the requested steps, as ours with ignore_eos
 
     def run(case: Case) -> tuple[float, float]:
-        clock = _TokenClock()
+        clock = _TokenClock()  # generate hands it each token copied to the CPU, so a GPU's times are synchronised
         start = time.perf_counter()
         with torch.inference_mode():
             model.generate(
-                torch.tensor([case.ids]), max_new_tokens=case.new_tokens, do_sample=False, pad_token_id=0, streamer=clock
-            )
+                torch.tensor([case.ids], device=device), max_new_tokens=case.new_tokens, do_sample=False, pad_token_id=0,
+                streamer=clock,
+            )  # fmt: skip
         return clock.times[0] - start, (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
     return Runner(TRANSFORMERS, run, torch.get_num_threads())
@@ -301,7 +306,7 @@ def time_round_robin(checkpoint: Checkpoint, schemes, cases: list[Case], args, r
     runners = []
     if references:
         engine = Generator(Llama(config, checkpoint.fused_weights), checkpoint.tokenizer, config.max_position_embeddings)
-        runners += [generator_runner(ENGINE, engine), transformers_runner(checkpoint)]
+        runners += [generator_runner(ENGINE, engine), transformers_runner(checkpoint, args.device)]
     base_threads = torch.get_num_threads()
     lms = []
     try:

@@ -61,6 +61,10 @@ def centred_difference(a: Tensor, b: Tensor) -> Tensor:
 FLOAT_LIMB_BITS = 6
 FLOAT_LIMBS = 6  # 36 bits >= 35
 BACKENDS = ("int8", "float32", "float64")
+# A CUDA GPU takes the float routes alone: torch._int_mm there needs more than 16 rows, and a decode step's
+# product has 5 (its limbs). cuBLAS's float32 and float64 GEMMs are exact on these integers as on a CPU, provided
+# float32 products are not rounded to TF32 (`keep_float32_exact`).
+CUDA_BACKENDS = ("float32", "float64")
 # Outputs per limb from which limb products recombine by in-place Horner rather than one small float64
 # product (measured crossover ~30k: 1 x 3072 13 vs 29 us; 512 x 3072 47 vs 16 ms).
 HORNER_FROM = 32768
@@ -125,9 +129,9 @@ def packing_available() -> bool:
 
 
 @functools.cache
-def _limb_scales(bits: int, count: int) -> tuple[Tensor, Tensor]:
+def _limb_scales(bits: int, count: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Each limb's shift, [count, 1, 1], and its weight 2^(bits * i) as a float64 row [1, count]."""
-    shifts = torch.arange(0, bits * count, bits, dtype=torch.int64)
+    shifts = torch.arange(0, bits * count, bits, dtype=torch.int64, device=device)
     return shifts.view(count, 1, 1), (2.0**shifts).to(torch.float64).view(1, count)
 
 
@@ -136,7 +140,7 @@ def _exact_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
     if backend == "float64":
         return (to_signed(rows).to(torch.float64) @ weight_t.to(torch.float64)).to(torch.int64)
     bits, count = (LIMB_BITS, LIMBS) if backend == "int8" else (FLOAT_LIMB_BITS, FLOAT_LIMBS)
-    shifts, scales = _limb_scales(bits, count)
+    shifts, scales = _limb_scales(bits, count, rows.device)
     if backend == "int8" and rows.numel() >= BYTE_LIMBS_FROM:
         partial = _int_mm(_limbs_from_bytes(rows), weight_t)
     else:
@@ -174,7 +178,7 @@ def _limbs_from_bytes(rows: Tensor, count: int = LIMBS, signed_top: bool = False
     the low byte of v >> 14 in two's complement, which is that value (in [-4, 3]) as a signed int8."""
     n, d = rows.shape
     planes = rows.contiguous().view(torch.uint8).view(n * d, 8)[:, :count].t().contiguous()
-    limbs = torch.empty(count, n * d, dtype=torch.uint8)
+    limbs = torch.empty(count, n * d, dtype=torch.uint8, device=rows.device)
     torch.bitwise_and(planes[0], (1 << LIMB_BITS) - 1, out=limbs[0])
     for k in range(1, count):
         low_bits = LIMB_BITS - k  # taken from byte k, above the k bits left in byte k - 1
@@ -223,7 +227,7 @@ def _signed_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
         high = torch.add(partial[1], partial[2], alpha=1 << LIMB_BITS)
         return torch.add(partial[0].to(torch.float64), high.to(torch.float64), alpha=1 << LIMB_BITS)
     bits = LIMB_BITS if backend == "int8" else FLOAT_LIMB_BITS
-    shifts, masks, scales = _signed_limb_scales(bits)
+    shifts, masks, scales = _signed_limb_scales(bits, rows.device)
     limbs = ((rows.unsqueeze(0) >> shifts) & masks).view(-1, rows.shape[-1])
     if backend == "int8":
         partial = _int_mm(limbs.to(torch.int8), weight_t)
@@ -239,10 +243,10 @@ def _signed_product(rows: Tensor, weight_t: Tensor, backend: str) -> Tensor:
 
 
 @functools.cache
-def _signed_limb_scales(bits: int) -> tuple[Tensor, Tensor, Tensor]:
+def _signed_limb_scales(bits: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Each signed limb's shift and mask, [3, 1, 1] (the top limb keeps its sign: mask -1), and its weight [1, 3]."""
-    shifts = torch.arange(0, bits * SIGNED_LIMBS, bits, dtype=torch.int64)
-    masks = torch.tensor([(1 << bits) - 1] * (SIGNED_LIMBS - 1) + [-1], dtype=torch.int64)
+    shifts = torch.arange(0, bits * SIGNED_LIMBS, bits, dtype=torch.int64, device=device)
+    masks = torch.tensor([(1 << bits) - 1] * (SIGNED_LIMBS - 1) + [-1], dtype=torch.int64, device=device)
     return shifts.view(-1, 1, 1), masks.view(-1, 1, 1), (2.0**shifts).to(torch.float64).view(1, -1)
 
 
@@ -269,7 +273,7 @@ def product_weight(weight_t: Tensor, backend: str | None = None) -> Tensor | Pac
     values laid out [out, in] in memory (a transposed view), which that loop reads, and on which `torch._int_mm`
     runs ~1.6x faster for a few rows (the 576 x 49152 LM head: 3.6 against 5.9 ms).
     """
-    backend = backend or fastest_backend()
+    backend = backend or fastest_backend(weight_t.device.type)
     if backend == "int8":
         packs = (
             weight_t.numel() >= PACK_FROM_BYTES
@@ -303,7 +307,7 @@ def _sliced(
     if inner > MAX_INNER_DIM:
         raise ValueError(f"inner dimension {inner} exceeds {MAX_INNER_DIM}, where exactness is proven")
     rows = values.reshape(-1, inner)
-    backend = backend or fastest_backend()
+    backend = backend or fastest_backend(rows.device.type)
     if inner <= CHUNK:  # every layer of most small models, and every packed weight: no slicing on the decode path
         return product(rows, weight_t, backend)
     total = product(rows[:, :CHUNK], weight_t[:CHUNK], backend)
@@ -313,26 +317,38 @@ def _sliced(
 
 
 @functools.cache
-def fastest_backend() -> str:
-    """Time every backend once per process on one row (a decode step, whose latency is what the product's
-    speed decides) times a weight as wide as a large layer, laid out as `product_weight` keeps it, so that
-    it does not sit in a core's cache any more than a decode step's weights do; keep the fastest.
+def fastest_backend(device_type: str = "cpu") -> str:
+    """Time every backend once per process and device type on one row (a decode step, whose latency is what the
+    product's speed decides) times a weight as wide as a large layer, laid out as `product_weight` keeps it, so
+    that it does not sit in a core's cache any more than a decode step's weights do; keep the fastest. A CUDA GPU
+    chooses among `CUDA_BACKENDS`.
 
     Batches (a prefill, a pad batch) run on the same route: on AVX2 without int8 dot products, float64 wins
     both; with VNNI/AMX, int8 wins one row by ~2x, and 32 rows went to float64 by ~1.5x before many-row
     products recombined by Horner (offline pad work, not re-timed since).
     """
+    device = torch.device(device_type)
     generator = torch.Generator().manual_seed(0)
-    weight_t = torch.randint(-127, 128, (576, 8192), generator=generator, dtype=torch.int8)
-    row = torch.randint(0, P, (1, 576), generator=generator)
+    weight_t = torch.randint(-127, 128, (576, 8192), generator=generator, dtype=torch.int8).to(device)
+    row = torch.randint(0, P, (1, 576), generator=generator).to(device)
+    finish = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # kernels run asynchronously there
     timings = {}
-    for backend in BACKENDS:
+    for backend in CUDA_BACKENDS if device.type == "cuda" else BACKENDS:
         weight = product_weight(weight_t, backend)
         field_matmul(row, weight, backend)  # warm-up
         runs = []
         for _ in range(5):
+            finish()
             began = time.perf_counter()
             field_matmul(row, weight, backend)
+            finish()
             runs.append(time.perf_counter() - began)
         timings[backend] = min(runs)  # the least disturbed run on a shared machine
     return min(timings, key=timings.get)
+
+
+def keep_float32_exact() -> None:
+    """Keep CUDA's float32 products in full float32: TF32 keeps 10 mantissa bits, which would round the float32
+    route's integer sums (up to 2^24). torch's default already is full float32; this holds it against a caller's
+    `torch.set_float32_matmul_precision`."""
+    torch.backends.cuda.matmul.fp32_precision = "ieee"

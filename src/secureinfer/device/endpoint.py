@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..channel.wire import ERROR, OK, Tensors
-from ..crypto.field import PackedInt8Weight, product_weight
+from ..crypto.field import PackedInt8Weight, keep_float32_exact, product_weight
 from ..errors import SecureInferError
 from ..model.config import ModelConfig
 from ..model.kernels import KERNELS, StepContext, blinded_product, run_ops
@@ -60,6 +60,8 @@ def torch_device(name: str) -> torch.device:
 class DeviceEndpoint:
     def __init__(self, device: str = "cpu", recorder: ViewRecorder | None = None):
         self.device = torch_device(device)
+        if self.device.type == "cuda":
+            keep_float32_exact()  # the blinded products' float32 route on the GPU
         self.recorder = recorder
         self.config: ModelConfig | None = None
         self.rope: tuple[Tensor, Tensor] | None = None
