@@ -12,6 +12,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from gguf_fixtures import (
     TINY_VOCAB_SIZE,
@@ -86,6 +87,11 @@ BAD_INPUT_CASES: dict[str, tuple[list[str], str]] = {
     ),
     "extraction-with-no-queries": (["audit", "--extraction-only", "--quick", "--model", "{tiny}"], "no extraction queries"),
 }
+if not torch.cuda.is_available():  # where torch sees a GPU these run instead (tests/test_cuda.py)
+    BAD_INPUT_CASES |= {
+        "generate-cuda-without-a-gpu": (["generate", "hi", "--model", "{tiny}", "--device", "cuda"], "no CUDA GPU"),
+        "bench-cuda-without-a-gpu": (["bench", "--model", "{tiny}", "--device", "cuda", "--repeats", "1"], "no CUDA GPU"),
+    }
 
 
 @pytest.fixture(scope="module")
