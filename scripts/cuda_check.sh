@@ -8,6 +8,12 @@
 # without its weights, ~3.5 MB); its model.safetensors is written here. The machine's python3 needs this project's
 # dependencies. Writes setup.txt, pytest.txt, bench.md and bench.json to OUT_DIR. DEVICE=cpu runs the same
 # steps without a GPU (the tests then skip), to try the script out.
+#
+# Made ready on this machine, in ignored folders that the call carries:
+#   cache=$(.venv/bin/python -c "from secureinfer.model import load_checkpoint; print(load_checkpoint().details['cache_dir'])")
+#   mkdir -p .gpu/smollm2-shape && cp "$cache"/{config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja} .gpu/smollm2-shape/
+#   wheels, for that machine's Python and platform, of what its image lacks (gguf, cryptography, cffi, pycparser,
+#   orjson, platformdirs) in .whl/, installed there with `pip install --no-index --target` before this script.
 set -uo pipefail
 out=${1:?usage: scripts/cuda_check.sh OUT_DIR MODEL_DIR}
 model=${2:?usage: scripts/cuda_check.sh OUT_DIR MODEL_DIR}
