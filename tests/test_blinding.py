@@ -104,8 +104,13 @@ def test_many_rows_cut_their_limbs_from_bytes_and_stay_exact():
     assert got[0].numel() * rows.shape[0] > HORNER_FROM and (got.view(40, -1, 4) == torch.tensor(expected)[:, None]).all()
 
 
-def test_the_default_backend_is_one_of_the_exact_ones():
+def test_the_default_backend_is_one_of_the_exact_ones_timed_once_however_the_device_is_named(monkeypatch):
+    from secureinfer.crypto import field
+
     assert fastest_backend() in BACKENDS
+    products = []
+    monkeypatch.setattr(field, "field_matmul", lambda *args: products.append(args))
+    assert fastest_backend("cpu") == fastest_backend(device_type="cpu") == fastest_backend() and not products
 
 
 def test_large_narrow_int8_weights_are_packed_and_multiply_exactly_at_the_bound(torch_threads):

@@ -316,12 +316,17 @@ def _sliced(
     return total
 
 
-@functools.cache
 def fastest_backend(device_type: str = "cpu") -> str:
-    """Time every backend once per process and device type on one row (a decode step, whose latency is what the
-    product's speed decides) times a weight as wide as a large layer, laid out as `product_weight` keeps it, so
-    that it does not sit in a core's cache any more than a decode step's weights do; keep the fastest. A CUDA GPU
-    chooses among `CUDA_BACKENDS`.
+    """The exact route that runs a decode step's product fastest on `device_type`, timed once per process (at the
+    torch threads of the first call) and device type."""
+    return _fastest_backend_on(device_type)  # one cache entry per device type, however the caller names it
+
+
+@functools.cache
+def _fastest_backend_on(device_type: str) -> str:
+    """Time every backend on one row (a decode step, whose latency is what the product's speed decides) times a
+    weight as wide as a large layer, laid out as `product_weight` keeps it, so that it does not sit in a core's
+    cache any more than a decode step's weights do; keep the fastest. A CUDA GPU chooses among `CUDA_BACKENDS`.
 
     Batches (a prefill, a pad batch) run on the same route: on AVX2 without int8 dot products, float64 wins
     both; with VNNI/AMX, int8 wins one row by ~2x, and 32 rows went to float64 by ~1.5x before many-row

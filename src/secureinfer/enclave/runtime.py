@@ -90,15 +90,15 @@ class EnclaveRuntime:
         def device_part(name: str) -> Tensor:  # a view: the whole tensor, or a blinded weight's device columns
             return stored[name][:, : device_columns[name]] if name in device_columns else stored[name]
 
-        int8_route = fastest_backend() == "int8"
-
         def enclave_part(name: str) -> Tensor:
             # An int8 projection the enclave multiplies in the clear is laid out [out, in] for the int8 route, as
             # `product_weight` lays out the own columns (but never packed, which would leave secret memory): the
             # VNNI loop reads only that layout, and secureinfer-enclave-qkv-ffn decoded ~35% faster with it.
+            # The route is asked for only here: asked by every plan, a `plain` made first at more threads fixed the
+            # process's route before a blinded scheme made at its own threads could (`fastest_backend`).
             part = device_part(name)
             clear_int8 = name.endswith(".q") and name not in device_columns and part.dtype == torch.int8
-            return out_in_layout(part) if clear_int8 and int8_route else part
+            return out_in_layout(part) if clear_int8 and fastest_backend() == "int8" else part
 
         enclave_names = plan.stored_weights(ENCLAVE)
         enclave_aliases = self._tied_aliases(enclave_names)
@@ -318,7 +318,8 @@ class EnclaveRuntime:
         def while_device_multiplies() -> None:
             began, stalled_before = time.perf_counter(), self.pads.stats.stall_s
             if own_weight is not None:  # first: the unpad below waits for it, the rest does not
-                own.append(signed_matmul(rows, own_weight))  # rows: the quantized activations, |q| <= 65535
+                # rows: the quantized activations, |q| <= 65535; the int8 route the own columns are laid out for
+                own.append(signed_matmul(rows, own_weight, "int8"))
                 self.own_columns_s += time.perf_counter() - began
             following = self._next_blinded[name]
             # As many positions as this product's, or one per row for the next token's first product (a decode
