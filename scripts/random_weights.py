@@ -2,7 +2,8 @@
 
 For timing where the real weights cannot go (a lent GPU machine takes 64 MiB of files; the bundled GGUF is 98 MB):
 random weights change no cost, since every op does the same work whatever the values (`bench.scaled_models`).
-transformers' own initialisation, seed 0; a tied LM head is left out, as the loaders expect.
+`bench.scaled_models.random_weights` (transformers' initialisation, seed 0); a tied LM head is left out, as the
+loaders expect. Needs `src` on PYTHONPATH, as `cuda_check.sh` sets it.
 
     python scripts/random_weights.py DIR
 """
@@ -10,14 +11,14 @@ transformers' own initialisation, seed 0; a tied LM head is left out, as the loa
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+
+from secureinfer.bench.scaled_models import random_weights
+from secureinfer.model.hf_loader import read_hf_config
 
 directory = Path(sys.argv[1])
-config = LlamaConfig.from_pretrained(directory)
-torch.manual_seed(0)
-weights = LlamaForCausalLM(config).state_dict()
+config = read_hf_config(directory)
+weights = random_weights(config)
 if config.tie_word_embeddings:
     del weights["lm_head.weight"]
 save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(directory / "model.safetensors"))

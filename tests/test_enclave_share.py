@@ -73,7 +73,6 @@ def test_the_device_holds_and_returns_only_its_columns(tiny_gguf, tmp_path):
     assert half.device_weight_bytes < full.device_weight_bytes and stats["time"]["enclave_own_columns_s"] > 0
 
 
-
 def test_packed_own_columns_take_the_int8_route_they_are_packed_for_whatever_the_fastest(tiny_gguf, monkeypatch, torch_threads):
     """A share the caller names on a CPU whose fastest route is float64: the own columns are still laid out (here,
     packed) for the int8 route, and multiplied on it; on the float64 route a packed weight has no float copy."""
@@ -86,6 +85,7 @@ def test_packed_own_columns_take_the_int8_route_they_are_packed_for_whatever_the
     with secureinfer.load(tiny_gguf, "secureinfer", progress=False, channel="inprocess", enclave_share=0.5) as lm:
         assert all(isinstance(own, field.PackedInt8Weight) for own in lm.runtime._own_weights.values())
         assert lm.generate(PROMPT, max_new_tokens=6, ignore_eos=True).tokens == expected
+
 
 def test_tampering_with_the_device_columns_is_still_caught(tiny_gguf):
     with secureinfer.load(tiny_gguf, "hardened", progress=False, channel="inprocess", enclave_share=0.5) as lm:
@@ -110,55 +110,47 @@ def test_schemes_without_blinded_products_keep_every_column_on_the_device(tiny_g
 
 
 
-def test_the_default_share_times_the_routes_at_the_enclaves_threads(tiny_gguf, monkeypatch):
+CALLERS_THREADS = (os.cpu_count() or 2) + 1  # more than SecureLM ever gives one side
+
+
+@pytest.fixture
+def float64_at_the_callers_threads(monkeypatch):
+    """The route timing as this machine measures it: int8 at one thread, float64 at two (here, at the caller's
+    CALLERS_THREADS, set for the test). Yields the threads of each timing; restores the threads after."""
+    from secureinfer.crypto import field
+
+    timed_at = []
+
+    def route(device_type: str) -> str:
+        timed_at.append(torch.get_num_threads())
+        return "float64" if torch.get_num_threads() == CALLERS_THREADS else "int8"
+
+    monkeypatch.setattr(field, "_fastest_backend_on", functools.cache(route))
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(CALLERS_THREADS)
+    yield timed_at
+    torch.set_num_threads(threads_before)
+
+
+def test_the_default_share_times_the_routes_at_the_enclaves_threads(tiny_gguf, float64_at_the_callers_threads):
     """A caller at more threads than the enclave keeps still gets the route the enclave runs fastest: timed at two
     threads (torch's default here), float64 beat the int8 route, whose fast loop serves one thread, and every
     caller of SecureLM ran at share 0 on the float64 route, where the enclave runs one thread."""
-    import secureinfer.api as api
-
-    callers_threads = (os.cpu_count() or 2) + 1  # more than SecureLM ever gives one side
-    timed_at = []
-
-    def float64_at_the_callers_threads() -> str:  # as this machine measures: int8 at one thread, float64 at two
-        timed_at.append(torch.get_num_threads())
-        return "float64" if torch.get_num_threads() == callers_threads else "int8"
-
-    monkeypatch.setattr(api, "fastest_backend", float64_at_the_callers_threads)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(callers_threads)
-    try:
-        with secureinfer.load(tiny_gguf, "secureinfer", progress=False) as lm:
-            assert lm.threads < callers_threads and timed_at == [lm.threads]
-            assert lm.plan.enclave_share == 0.5
-    finally:
-        torch.set_num_threads(threads_before)
+    with secureinfer.load(tiny_gguf, "secureinfer", progress=False) as lm:
+        assert lm.threads < CALLERS_THREADS and float64_at_the_callers_threads == [lm.threads]
+        assert lm.plan.enclave_share == 0.5
 
 
-
-def test_schemes_with_no_product_of_the_enclaves_leave_the_route_to_the_first_blinded_one(tiny_gguf, monkeypatch):
+def test_schemes_with_no_product_of_the_enclaves_leave_the_route_to_the_first_blinded_one(tiny_gguf, float64_at_the_callers_threads):
     """The route is timed once per process, at the first asker's threads. `plain`, `enclave` and `plain-int8` have no
     product of the enclave's to route, so they must not ask: the bench makes them first, at two threads, and every
     blinded scheme after them ran at share 0 on the route two threads prefer (a run at 7def244)."""
-    from secureinfer.crypto import field
+    for scheme in ("plain", "enclave", "plain-int8"):
+        with secureinfer.load(tiny_gguf, scheme, progress=False) as lm:
+            assert lm.threads is None  # one crossing a token: torch's threads stay the caller's
+    with secureinfer.load(tiny_gguf, "secureinfer", progress=False) as lm:
+        assert float64_at_the_callers_threads == [lm.threads] and lm.plan.enclave_share == 0.5
 
-    callers_threads = (os.cpu_count() or 2) + 1  # more than SecureLM ever gives one side
-    timed_at = []
-
-    def float64_at_the_callers_threads(device_type: str) -> str:
-        timed_at.append(torch.get_num_threads())
-        return "float64" if torch.get_num_threads() == callers_threads else "int8"
-
-    monkeypatch.setattr(field, "_fastest_backend_on", functools.cache(float64_at_the_callers_threads))
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(callers_threads)
-    try:
-        for scheme in ("plain", "enclave", "plain-int8"):
-            with secureinfer.load(tiny_gguf, scheme, progress=False) as lm:
-                assert lm.threads is None  # one crossing a token: torch's threads stay the caller's
-        with secureinfer.load(tiny_gguf, "secureinfer", progress=False) as lm:
-            assert timed_at == [lm.threads] and lm.plan.enclave_share == 0.5
-    finally:
-        torch.set_num_threads(threads_before)
 
 def test_the_bench_breakdown_puts_the_enclave_share_on_the_enclave(tiny_gguf):
     from secureinfer.bench.analytic import PAD_CLASS, breakdown, pad_flops

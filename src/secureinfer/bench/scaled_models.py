@@ -26,15 +26,19 @@ MAX_PARAMETERS = 1_500_000_000  # LLaMA-2-shaped d=2048 (1.4B with this vocabula
 ALL_AT_ONCE_PARAMETERS = 500_000_000
 
 
-def random_checkpoint(config: ModelConfig, like: Checkpoint, seed: int = 0) -> Checkpoint:
-    """transformers' own random initialisation of `config`, with `like`'s tokenizer."""
+def random_weights(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """transformers' own random initialisation of `config`, as a state dict (a tied LM head shares the embedding)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**config.to_hf_config()))
-    weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    return {name: tensor.detach() for name, tensor in model.state_dict().items()}
+
+
+def random_checkpoint(config: ModelConfig, like: Checkpoint, seed: int = 0) -> Checkpoint:
+    """`random_weights` of `config`, with `like`'s tokenizer."""
     name = f"random d={config.hidden_size} L={config.num_layers}"
-    return Checkpoint(config, weights, like.tokenizer, Path(name), "random", {"seed": seed})
+    return Checkpoint(config, random_weights(config, seed), like.tokenizer, Path(name), "random", {"seed": seed})
 
 
 def why_not_measured(config: ModelConfig) -> str | None:
