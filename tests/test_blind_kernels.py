@@ -37,15 +37,22 @@ def _activations(width: int) -> torch.Tensor:
     return rows
 
 
-@pytest.mark.parametrize("width", [576, 1536, 2752])  # 2752: a coarser qmax (52,841 -> 16.6 bits)
+def test_the_vector_paths_run_here():
+    assert blinding.native_kernels().avx512()  # this project's machines have AVX512: the tests below cover both paths
+
+
+# 2752: a coarser qmax (52,841 -> 16.6 bits); 100: a row that ends part-way through a 16-lane vector
+@pytest.mark.parametrize("width", [576, 1536, 2752, 100])
 def test_blinding_gives_the_torch_steps_bits(width):
     x = _activations(width)
     r = torch.randint(0, P, x.shape, generator=torch.Generator().manual_seed(1))
     r[:, :4] = torch.tensor([0, 1, P - 2, P - 1])  # the sum wraps below 0 and past P - 1 wherever q has the sign
     x[:2, :4] = torch.tensor([-1.0, -1.0, 1.0, 1.0]) * x[:2].abs().amax(dim=1, keepdim=True)
     compiled, reference = blind(x.view(2, 3, width), r, native=True), blind(x.view(2, 3, width), r, native=False)
-    for ours, theirs in zip(compiled, reference):
+    scalar = blinding.native_kernels().quantize_pad(x, r, activation_qmax(width), P, False)
+    for ours, in_scalar, theirs in zip(compiled, scalar, reference):
         assert ours.dtype == theirs.dtype and ours.shape == theirs.shape and torch.equal(ours, theirs)
+        assert torch.equal(in_scalar.view(theirs.shape), theirs)
     q, row_scale, padded = compiled
     assert row_scale.shape == (2, 3, 1) and int(q.abs().max()) == activation_qmax(width)
     ties = q[4, 1:42].tolist()  # k + 0.5 rounds to the even neighbour: -18.5 -> -18, -17.5 -> -18, ...
@@ -55,7 +62,7 @@ def test_blinding_gives_the_torch_steps_bits(width):
     assert padded[0, :4].tolist() == [P - qmax, P - qmax + 1, qmax - 2, qmax - 1]
 
 
-@pytest.mark.parametrize("own_columns", [0, 5])
+@pytest.mark.parametrize("own_columns", [0, 5, 21])  # 21: two full 8-lane vectors and a part
 def test_unblinding_gives_the_torch_steps_bits(own_columns):
     generator = torch.Generator().manual_seed(2)
     columns = 11
@@ -68,8 +75,10 @@ def test_unblinding_gives_the_torch_steps_bits(own_columns):
     row_scale = torch.rand(4, 1, generator=generator) * 1e-3
     compiled = unblind(y, u, own, row_scale, weight, native=True)
     reference = unblind(y, u, own, row_scale, weight, native=False)
+    own_or_none = torch.empty(4, 0, dtype=torch.float64) if own is None else own
+    scalar = blinding.native_kernels().unpad_rescale(y, u, own_or_none, row_scale.view(-1), weight.scale64, P, False)
     assert compiled.dtype == torch.float32 and compiled.shape == (4, columns + own_columns)
-    assert torch.equal(compiled, reference)
+    assert torch.equal(compiled, reference) and torch.equal(scalar, reference)
     expected = signed.double() * row_scale[0].double() * weight.scale64[:columns]
     assert torch.equal(compiled[0, :columns], expected.float())
 
@@ -81,11 +90,11 @@ def test_the_kernels_refuse_tensors_that_do_not_fit():
     scale = torch.ones(2)
     for y in (torch.zeros(1, 6, dtype=torch.int64), torch.zeros(2, 7, dtype=torch.int64), torch.zeros(2, 6)):
         with pytest.raises(RuntimeError, match="y "):
-            kernels.unpad_rescale(y, u, torch.empty(2, 0, dtype=torch.float64), scale, weight.scale64, P)
+            kernels.unpad_rescale(y, u, torch.empty(2, 0, dtype=torch.float64), scale, weight.scale64, P, True)
     with pytest.raises(RuntimeError, match="column_scale"):
-        kernels.unpad_rescale(u, u, torch.empty(2, 1, dtype=torch.float64), scale, weight.scale64, P)
+        kernels.unpad_rescale(u, u, torch.empty(2, 1, dtype=torch.float64), scale, weight.scale64, P, True)
     with pytest.raises(RuntimeError, match="r "):
-        kernels.quantize_pad(torch.zeros(2, 6), torch.zeros(2, 5, dtype=torch.int64), 65535, P)
+        kernels.quantize_pad(torch.zeros(2, 6), torch.zeros(2, 5, dtype=torch.int64), 65535, P, True)
 
 
 def test_the_torch_steps_give_the_same_tokens_where_the_kernels_are_not_used(tiny_gguf, monkeypatch):

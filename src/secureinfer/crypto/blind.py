@@ -43,7 +43,8 @@ def blind(x: Tensor, r: Tensor, native: bool | None = None) -> tuple[Tensor, Ten
     if kernels is None:
         q, row_scale = quantize_activation(rows)
         return q, row_scale.view(*x.shape[:-1], 1), torch.add(q, r).remainder_(P)  # q in [-qmax, qmax]: one reduction
-    q, row_scale, padded = kernels.quantize_pad(rows.contiguous(), r.contiguous(), activation_qmax(x.shape[-1]), P)
+    qmax = activation_qmax(x.shape[-1])
+    q, row_scale, padded = kernels.quantize_pad(rows.contiguous(), r.contiguous(), qmax, P, True)  # True: AVX512
     return q, row_scale.view(*x.shape[:-1], 1), padded
 
 
@@ -57,7 +58,7 @@ def unblind(
     if kernels is not None:
         own = torch.empty((u.shape[0], 0), dtype=torch.float64) if own is None else own.contiguous()
         flat_scale = row_scale.reshape(-1).contiguous()
-        return kernels.unpad_rescale(y.contiguous(), u.contiguous(), own, flat_scale, weight.scale64, P)
+        return kernels.unpad_rescale(y.contiguous(), u.contiguous(), own, flat_scale, weight.scale64, P, True)
     product = centred_difference(y, u)
     if own is not None:  # each half converted as it is copied in: no cat of a converted copy
         joined = product.new_empty((product.shape[0], product.shape[1] + own.shape[1]), dtype=torch.float64)
