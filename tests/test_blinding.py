@@ -75,9 +75,23 @@ def test_the_compiled_few_row_products_are_exact_on_ragged_shapes(inner, rows, t
     exact_field = [[sum(x * int(weight[k, j]) for k, x in enumerate(row)) % P for j in range(outputs)] for row in field_rows]
     exact_signed = [[sum(x * int(weight[k, j]) for k, x in enumerate(row)) for j in range(outputs)] for row in signed_rows]
     for layout in (product_weight(weight, "int8"), weight):  # [out, in] as kept, and [in, out]
-        assert kernels.field_product(torch.tensor(field_rows), layout, LIMBS, P).tolist() == exact_field
-        got = kernels.signed_product(torch.tensor(signed_rows), layout, SIGNED_LIMBS)
-        assert got.dtype == torch.float64 and got.tolist() == exact_signed
+        for vector in (True, False):  # the AVX512 cut and recombination, and the scalar ones
+            assert kernels.field_product(torch.tensor(field_rows), layout, LIMBS, P, vector).tolist() == exact_field
+            got = kernels.signed_product(torch.tensor(signed_rows), layout, SIGNED_LIMBS, vector)
+            assert got.dtype == torch.float64 and got.tolist() == exact_signed
+
+
+def test_the_compiled_reduction_is_exact_at_its_edges():
+    """The vector path reduces t mod P as lo + 31 hi (t = hi 2^35 + lo), then corrects once either way: totals of
+    -2^35 (lo + 31 hi < 0) and 2^35 - 1 (at least P) take each correction."""
+    kernels = build(FIELD_KERNELS)[0]
+    rows = [[2**34, 0], [P - 1, 31], [P - 1, P - 1], [1, 0], [0, 0]]
+    weight = torch.tensor([[-2, 1, 127, -127, -1], [1, 1, 127, -127, 0]], dtype=torch.int8)
+    totals = [[sum(x * int(weight[k, j]) for k, x in enumerate(row)) for j in range(5)] for row in rows]
+    assert -(2**35) in totals[0] and 2**35 - 1 in totals[1]
+    for vector in (True, False):
+        got = kernels.field_product(torch.tensor(rows), weight, LIMBS, P, vector)
+        assert got.tolist() == [[total % P for total in row] for row in totals]
 
 
 def test_the_compiled_clear_product_refuses_values_it_cannot_cut():
@@ -85,23 +99,35 @@ def test_the_compiled_clear_product_refuses_values_it_cannot_cut():
     weight = product_weight(torch.ones(4, 2, dtype=torch.int8), "int8")
     for value in (ACTIVATION_QMAX + 1, -(ACTIVATION_QMAX + 1)):
         with pytest.raises(RuntimeError, match="takes \\|v\\| < 2\\^16"):
-            kernels.signed_product(torch.full((1, 4), value), weight, SIGNED_LIMBS)
+            kernels.signed_product(torch.full((1, 4), value), weight, SIGNED_LIMBS, True)
 
 
-def test_many_rows_cut_their_limbs_from_bytes_and_stay_exact():
-    """A prefill's or pad batch's rows take the byte-cut limbs and the int64 Horner path: same integers."""
+@pytest.mark.parametrize("torch_threads", [1, 2], indirect=True)
+def test_many_rows_stay_exact(int8_route, torch_threads):
+    """A prefill's or pad batch's rows: compiled, the limbs cut and recombined a vector at a time (AVX512) or a value
+    at a time, on torch's threads; in torch, byte-cut limbs and the int64 Horner path. Every way, the same integers."""
     rng = random.Random(1)
     edges = [0, 1, 127, 128, 2**7 - 1, 2**14, 2**28 - 1, 2**28, 2**32 - 1, 2**32, P // 2, P // 2 + 1, P - 1]
-    rows = torch.tensor([[rng.choice(edges + [rng.randrange(P)]) for _ in range(600)] for _ in range(40)])
+    rows = torch.tensor([[rng.choice(edges + [rng.randrange(P)]) for _ in range(603)] for _ in range(120)])
     assert rows.numel() >= BYTE_LIMBS_FROM
-    shifted = ((rows.unsqueeze(0) >> torch.arange(0, 35, 7).view(5, 1, 1)) & 127).view(-1, 600).to(torch.int8)
+    shifted = ((rows.unsqueeze(0) >> torch.arange(0, 35, 7).view(5, 1, 1)) & 127).view(-1, 603).to(torch.int8)
     assert torch.equal(_limbs_from_bytes(rows), shifted)
-    weight = torch.tensor([[rng.choice((-127, 127, rng.randrange(-127, 128))) for _ in range(3)] + [-127] for _ in range(600)], dtype=torch.int8)
-    expected = [[sum(x * int(weight[k, j]) for k, x in enumerate(row)) % P for j in range(4)] for row in rows.tolist()]
+    weight = torch.tensor([[rng.choice((-127, 127, rng.randrange(-127, 128))) for _ in range(3)] + [-127] for _ in range(603)], dtype=torch.int8)
+    weight = weight.repeat(1, 3)[:, :11]  # 11 outputs: a vector of 8 and a part
+    expected = [[sum(x * int(weight[k, j]) for k, x in enumerate(row)) % P for j in range(11)] for row in rows.tolist()]
     assert field_matmul(rows, product_weight(weight, "int8"), "int8").tolist() == expected
-    tiled = weight.repeat(1, HORNER_FROM // rows.shape[0] // 4 + 1)  # past HORNER_FROM outputs per limb as well
+    tiled = weight[:, :4].repeat(1, HORNER_FROM // rows.shape[0] // 4 + 1)  # past HORNER_FROM outputs per limb
     got = field_matmul(rows, product_weight(tiled, "int8"), "int8")
-    assert got[0].numel() * rows.shape[0] > HORNER_FROM and (got.view(40, -1, 4) == torch.tensor(expected)[:, None]).all()
+    tiled_expected = torch.tensor(expected)[:, None, :4]
+    assert got[0].numel() * rows.shape[0] > HORNER_FROM and (got.view(120, -1, 4) == tiled_expected).all()
+    signed = torch.tensor([[rng.choice((-ACTIVATION_QMAX, ACTIVATION_QMAX, 0, -1, rng.randint(-ACTIVATION_QMAX, ACTIVATION_QMAX))) for _ in range(603)] for _ in range(120)])
+    exact_signed = [[sum(x * int(weight[k, j]) for k, x in enumerate(row)) for j in range(11)] for row in signed.tolist()]
+    assert signed_matmul(signed, product_weight(weight, "int8"), "int8").tolist() == exact_signed
+    if int8_route == "compiled":
+        kernels = build(FIELD_KERNELS)[0]
+        assert kernels.avx512()  # this project's machines have it: the call above took the vector path
+        assert kernels.field_product(rows, weight, LIMBS, P, False).tolist() == expected
+        assert kernels.signed_product(signed, weight, SIGNED_LIMBS, False).tolist() == exact_signed
 
 
 def test_the_default_backend_is_one_of_the_exact_ones_timed_once_however_the_device_is_named(monkeypatch):
@@ -194,6 +220,19 @@ def test_the_pad_pool_never_hands_out_a_pad_twice():
     for r, u in taken:
         assert torch.equal(u, field_matmul(r, weight))
     assert pool.stats.generated_rows - pool.stats.used_rows == sum(b.r.shape[0] - b.next_row for b in pool._pools["w"])
+
+
+def test_a_take_longer_than_the_pool_gets_its_own_pads_and_leaves_the_pool_s():
+    weight = torch.randint(-127, 128, (48, 16), dtype=torch.int8)
+    pool = PadPool({"w": weight}, batch_rows=8)
+    pool.refill("w", 8)
+    before = [batch.r.clone() for batch in pool._pools["w"]]
+    r, u = pool.take("w", 20)  # a prefill
+    assert r.shape == (20, 48) and torch.equal(u, field_matmul(r, weight))
+    assert pool.available("w") == 8 and torch.equal(pool._pools["w"][0].r, before[0])  # untouched, for the steps after
+    assert pool.stats.stalls == 1 and pool.stats.generated_rows == 28 and pool.stats.used_rows == 20
+    small = pool.take("w", 3)[0]
+    assert torch.equal(small, before[0][:3]) and not (r == small[0]).all(dim=1).any()
 
 
 @pytest.fixture(scope="module")

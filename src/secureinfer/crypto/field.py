@@ -194,9 +194,11 @@ FIELD_KERNELS = "field_kernels.cpp"
 
 
 def _compiled_route(values: Tensor, weight_t: Tensor | PackedInt8Weight, backend: str | None) -> ModuleType | None:
-    """The int8 route compiled (`field_kernels.cpp`) for a decode step's few rows, where it built: one call
-    instead of ~15 small torch ops. A packed weight, a wider product or many rows take the torch steps."""
-    if values.numel() >= BYTE_LIMBS_FROM or values.shape[-1] > CHUNK or not isinstance(weight_t, Tensor):
+    """The int8 route compiled (`field_kernels.cpp`), where it built: for a decode step's few rows one call instead
+    of ~15 small torch ops, for a prefill's many one pass to cut the limbs and one to recombine them instead of
+    ~12 (a 454-token prefill's device products: 0.66 -> 0.44 s). A packed weight or a wider product takes the
+    torch steps."""
+    if values.shape[-1] > CHUNK or not isinstance(weight_t, Tensor):
         return None
     if weight_t.dtype != torch.int8 or weight_t.device.type != "cpu" or (backend or fastest_backend()) != "int8":
         return None
@@ -212,7 +214,7 @@ def signed_matmul(values: Tensor, weight_t: Tensor | PackedInt8Weight, backend: 
     """
     if (kernels := _compiled_route(values, weight_t, backend)) is not None:
         rows = values.reshape(-1, values.shape[-1]).contiguous()
-        return kernels.signed_product(rows, weight_t, SIGNED_LIMBS).view(*values.shape[:-1], -1)
+        return kernels.signed_product(rows, weight_t, SIGNED_LIMBS, True).view(*values.shape[:-1], -1)  # AVX512
     return _sliced(_signed_product, values, weight_t, backend).view(*values.shape[:-1], -1)
 
 
@@ -295,7 +297,7 @@ def field_matmul(values: Tensor, weight_t: Tensor | PackedInt8Weight, backend: s
     """
     if (kernels := _compiled_route(values, weight_t, backend)) is not None:
         rows = values.reshape(-1, values.shape[-1]).contiguous()
-        return kernels.field_product(rows, weight_t, LIMBS, P).view(*values.shape[:-1], -1)
+        return kernels.field_product(rows, weight_t, LIMBS, P, True).view(*values.shape[:-1], -1)  # AVX512
     return _sliced(_exact_product, values, weight_t, backend).remainder_(P).view(*values.shape[:-1], -1)
 
 

@@ -1,5 +1,7 @@
-// field.py's int8 route for a few rows (a decode step) in one call each: cut the limbs, multiply, and recombine
-// (see native.py for why). Integers throughout, so the results are field.py's torch steps' exactly.
+// field.py's int8 route in one call each: cut the limbs, multiply, and recombine (see native.py for why).
+// Integers throughout, so the results are field.py's torch steps' exactly. Cutting and recombining take AVX512
+// where the CPU has it (`vector`; tests run both paths): a prefill's products are ~1M outputs each, which the
+// torch steps cut and recombined in ~12 passes, and the scalar loops reduce mod p by an integer division each.
 //
 // The multiply is torch::_int_mm in general. For one or two rows, one thread and a weight laid out [out, in] (as
 // `product_weight` keeps it) on a CPU with AVX512-VNNI it is our own loop over vpdpbusd instead: the weight is
@@ -31,7 +33,21 @@ constexpr int64_t kPrefetchPasses = 2;
 // every core, decoded at 24 against 29 tok/s with it.
 constexpr int64_t kMaxDotRows = 2;
 // The signed route's offset: v + 2^16 is unsigned for |v| < 2^16, and below 2^17 it fits three 7-bit limbs.
-constexpr int64_t kSignedOffset = 1 << 16;
+constexpr int kSignedOffsetBits = 16;
+constexpr int64_t kSignedOffset = int64_t{1} << kSignedOffsetBits;
+// field.P = 2^35 - 31, whose form reduces an int64 by a shift, a mask and a multiply by 31 (`reduce_avx512`).
+constexpr int64_t kFieldBits = 35;
+constexpr int64_t kFieldPrime = (int64_t{1} << kFieldBits) - 31;
+// Elements per task when a many-row cut or recombination is split over torch's threads.
+constexpr int64_t kGrainElements = 1 << 15;
+
+#define AVX512 __attribute__((target("avx512f,avx512dq,avx512vl")))
+
+bool has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+}
 
 void check_rows(const torch::Tensor& values) {
   TORCH_CHECK(values.scalar_type() == torch::kInt64 && values.dim() == 2 && values.is_contiguous() &&
@@ -99,73 +115,171 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void dot_limb_rows(
 }
 
 // values int64 [n, d] -> unsigned limbs ((v + offset) >> 7k) & 127 into limbs [count * n + extra, stride],
-// limb-major, then `extra` rows of ones; the caller zeroes what lies past d.
-void cut_limbs(const int64_t* vs, int64_t n, int64_t d, int64_t count, int64_t offset, int64_t extra, int64_t stride,
-               uint8_t* limbs) {
+// limb-major, for rows [begin, end); the caller adds the `extra` rows of ones and zeroes what lies past d.
+void cut_limbs(const int64_t* vs, int64_t n, int64_t d, int64_t count, int64_t offset, int64_t stride, uint8_t* limbs,
+               int64_t begin, int64_t end) {
   for (int64_t k = 0; k < count; k++)
-    for (int64_t r = 0; r < n; r++)
+    for (int64_t r = begin; r < end; r++)
       for (int64_t i = 0; i < d; i++) limbs[(k * n + r) * stride + i] = ((vs[r * d + i] + offset) >> (kLimbBits * k)) & kLimbMask;
-  for (int64_t row = count * n; row < count * n + extra; row++) std::fill_n(limbs + row * stride, d, uint8_t{1});
+}
+
+AVX512 void cut_limbs_avx512(const int64_t* vs, int64_t n, int64_t d, int64_t count, int64_t offset, int64_t stride,
+                             uint8_t* limbs, int64_t begin, int64_t end) {
+  const __m512i shift = _mm512_set1_epi64(offset), mask = _mm512_set1_epi64(kLimbMask);
+  for (int64_t r = begin; r < end; r++) {
+    for (int64_t i = 0; i < d; i += 8) {
+      const __mmask8 lanes = d - i >= 8 ? 0xff : static_cast<__mmask8>((1u << (d - i)) - 1);
+      const __m512i v = _mm512_add_epi64(_mm512_maskz_loadu_epi64(lanes, vs + r * d + i), shift);
+      for (int64_t k = 0; k < count; k++) {  // arithmetic shifts, as the scalar loop's >>
+        const __m512i limb = _mm512_and_si512(_mm512_sra_epi64(v, _mm_cvtsi64_si128(kLimbBits * k)), mask);
+        _mm512_mask_cvtepi64_storeu_epi8(limbs + (k * n + r) * stride + i, lanes, limb);
+      }
+    }
+  }
 }
 
 // The limbs' int32 partial products with the weight ([count * n + extra, out], limb-major), by whichever multiply
 // applies (see the top of the file); `extra` appends rows of ones, whose products are the weight's column sums.
-std::vector<int32_t> partial_products(const torch::Tensor& rows, const torch::Tensor& weight_t, int64_t count,
-                                      int64_t offset, int64_t extra) {
+torch::Tensor partial_products(const torch::Tensor& rows, const torch::Tensor& weight_t, int64_t count,
+                               int64_t offset, int64_t extra, bool vector) {
   check_rows(rows);
-  const int64_t n = rows.size(0), d = rows.size(1), out_features = weight_t.size(1);
+  const int64_t n = rows.size(0), d = rows.size(1), out_features = weight_t.size(1), limb_rows = count * n + extra;
   TORCH_CHECK(weight_t.size(0) == d, "weight_t must be [", d, ", out], not ", weight_t.sizes());
   const int64_t* vs = rows.data_ptr<int64_t>();
-  std::vector<int32_t> partial((count * n + extra) * out_features);
   const bool ours = n <= kMaxDotRows && at::get_num_threads() == 1 && has_dot_product_instructions();
   const int8_t* weight = ours ? rows_by_output(weight_t, d) : nullptr;
   if (weight != nullptr) {
     const int64_t stride = (d + kLane - 1) / kLane * kLane;
-    std::vector<uint8_t> limbs((count * n + extra) * stride, 0);
-    cut_limbs(vs, n, d, count, offset, extra, stride, limbs.data());
-    dot_limb_rows(limbs.data(), count * n + extra, stride, weight, d, out_features, partial.data());
+    std::vector<uint8_t> limbs(limb_rows * stride, 0);
+    cut_limbs(vs, n, d, count, offset, stride, limbs.data(), 0, n);
+    for (int64_t row = count * n; row < limb_rows; row++) std::fill_n(limbs.data() + row * stride, d, uint8_t{1});
+    auto partial = torch::empty({limb_rows, out_features}, torch::kInt32);
+    dot_limb_rows(limbs.data(), limb_rows, stride, weight, d, out_features, partial.data_ptr<int32_t>());
     return partial;
   }
-  auto limbs = torch::empty({count * n + extra, d}, torch::kInt8);  // 7-bit limbs: the same bytes as int8
-  cut_limbs(vs, n, d, count, offset, extra, d, reinterpret_cast<uint8_t*>(limbs.data_ptr<int8_t>()));
-  const auto products = torch::_int_mm(limbs, weight_t).contiguous();
-  std::copy_n(products.data_ptr<int32_t>(), partial.size(), partial.data());
-  return partial;
+  auto limbs = torch::empty({limb_rows, d}, torch::kInt8);  // 7-bit limbs: the same bytes as int8
+  uint8_t* bytes = reinterpret_cast<uint8_t*>(limbs.data_ptr<int8_t>());
+  const bool avx512 = vector && has_avx512();
+  at::parallel_for(0, n, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+    if (avx512) {
+      cut_limbs_avx512(vs, n, d, count, offset, d, bytes, begin, end);
+    } else {
+      cut_limbs(vs, n, d, count, offset, d, bytes, begin, end);
+    }
+  });
+  std::fill_n(bytes + count * n * d, extra * d, uint8_t{1});
+  return torch::_int_mm(limbs, weight_t).contiguous();
+}
+
+// Horner over `count` limb products of 8 outputs from `at`, each `per_limb` apart, in int64: no overflow (the
+// bounds of `recombine`).
+AVX512 __m512i recombine_avx512(const int32_t* partial, int64_t per_limb, int64_t at, int64_t count, __mmask8 lanes) {
+  __m512i total = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(lanes, partial + (count - 1) * per_limb + at));
+  for (int64_t k = count - 2; k >= 0; k--) {
+    const __m512i limb = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(lanes, partial + k * per_limb + at));
+    total = _mm512_add_epi64(_mm512_slli_epi64(total, kLimbBits), limb);
+  }
+  return total;
+}
+
+// The residue in [0, P) of |t| < 2^53: t = hi 2^35 + lo, lo in [0, 2^35), and 2^35 = 31 mod P, so t = lo + 31 hi,
+// in (-31 * 2^18, 2^35 + 31 * 2^18): one correction either way.
+AVX512 __m512i reduce_avx512(__m512i t) {
+  const __m512i prime = _mm512_set1_epi64(kFieldPrime), zero = _mm512_setzero_si512();
+  const __m512i high = _mm512_srai_epi64(t, kFieldBits);
+  const __m512i low = _mm512_and_si512(t, _mm512_set1_epi64((int64_t{1} << kFieldBits) - 1));
+  __m512i residue = _mm512_add_epi64(low, _mm512_sub_epi64(_mm512_slli_epi64(high, 5), high));
+  residue = _mm512_mask_add_epi64(residue, _mm512_cmplt_epi64_mask(residue, zero), residue, prime);
+  return _mm512_mask_sub_epi64(residue, _mm512_cmpge_epi64_mask(residue, prime), residue, prime);
+}
+
+AVX512 void field_row_avx512(const int32_t* partial, int64_t per_limb, int64_t at, int64_t columns, int64_t count,
+                             int64_t* out) {
+  for (int64_t j = 0; j < columns; j += 8) {
+    const __mmask8 lanes = columns - j >= 8 ? 0xff : static_cast<__mmask8>((1u << (columns - j)) - 1);
+    _mm512_mask_storeu_epi64(out + j, lanes, reduce_avx512(recombine_avx512(partial, per_limb, at + j, count, lanes)));
+  }
+}
+
+AVX512 void signed_row_avx512(const int32_t* partial, int64_t per_limb, int64_t at, int64_t columns, int64_t count,
+                              const int32_t* column_sums, double* out) {
+  for (int64_t j = 0; j < columns; j += 8) {
+    const __mmask8 lanes = columns - j >= 8 ? 0xff : static_cast<__mmask8>((1u << (columns - j)) - 1);
+    const __m512i sums = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(lanes, column_sums + j));
+    const __m512i total = _mm512_sub_epi64(recombine_avx512(partial, per_limb, at + j, count, lanes),
+                                           _mm512_slli_epi64(sums, kSignedOffsetBits));
+    _mm512_mask_storeu_pd(out + j, lanes, _mm512_cvtepi64_pd(total));
+  }
+}
+
+// Runs row(begin, end) over the n rows of an [n, columns] result, split over torch's threads.
+template <typename Rows>
+void for_rows(int64_t n, int64_t columns, const Rows& row) {
+  at::parallel_for(0, n, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(columns, 1)), row);
 }
 
 }  // namespace
 
 // (rows @ weight_t) mod p for rows int64 [n, d] in [0, p) and weight_t int8 [d, out] (any layout _int_mm takes).
-torch::Tensor field_product(const torch::Tensor& rows, const torch::Tensor& weight_t, int64_t limb_count, int64_t p) {
+torch::Tensor field_product(const torch::Tensor& rows, const torch::Tensor& weight_t, int64_t limb_count, int64_t p,
+                            bool vector) {
   TORCH_CHECK(limb_count <= kMaxLimbs, "at most ", kMaxLimbs, " limbs");
-  const auto partial = partial_products(rows, weight_t, limb_count, 0, 0);
-  const int64_t n = rows.size(0), out_features = weight_t.size(1);
+  const auto partial = partial_products(rows, weight_t, limb_count, 0, 0, vector);
+  const int64_t n = rows.size(0), out_features = weight_t.size(1), per_limb = n * out_features;
   auto product = torch::empty({n, out_features}, torch::kInt64);
+  const int32_t* ps = partial.data_ptr<int32_t>();
   int64_t* out = product.data_ptr<int64_t>();
-  for (int64_t e = 0; e < n * out_features; e++) {
-    const int64_t total = recombine(partial.data(), n * out_features, e, limb_count) % p;
-    out[e] = total < 0 ? total + p : total;
-  }
+  const bool avx512 = vector && has_avx512() && p == kFieldPrime;  // its reduction is P's alone
+  for_rows(n, out_features, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const int64_t at = r * out_features;
+      if (avx512) {
+        field_row_avx512(ps, per_limb, at, out_features, limb_count, out + at);
+        continue;
+      }
+      for (int64_t e = at; e < at + out_features; e++) {
+        const int64_t total = recombine(ps, per_limb, e, limb_count) % p;
+        out[e] = total < 0 ? total + p : total;
+      }
+    }
+  });
   return product;
 }
 
 // rows @ weight_t as float64, exactly, for rows int64 [n, d] with |v| < 2^16: three unsigned limbs of v + 2^16,
 // less 2^16 times each column's sum (the row of ones' product).
-torch::Tensor signed_product(const torch::Tensor& rows, const torch::Tensor& weight_t, int64_t limb_count) {
+torch::Tensor signed_product(const torch::Tensor& rows, const torch::Tensor& weight_t, int64_t limb_count,
+                             bool vector) {
   TORCH_CHECK(limb_count == 3, "the signed product cuts three limbs");
   check_rows(rows);
   const int64_t* vs = rows.data_ptr<int64_t>();
-  for (int64_t e = 0; e < rows.numel(); e++)
-    TORCH_CHECK(vs[e] > -kSignedOffset && vs[e] < kSignedOffset, "signed_product takes |v| < 2^16, not ", vs[e]);
-  const auto partial = partial_products(rows, weight_t, limb_count, kSignedOffset, 1);
-  const int64_t n = rows.size(0), out_features = weight_t.size(1);
-  const int32_t* column_sums = partial.data() + limb_count * n * out_features;
+  int64_t lowest = 0, highest = 0;
+  for (int64_t e = 0; e < rows.numel(); e++) {
+    lowest = std::min(lowest, vs[e]);
+    highest = std::max(highest, vs[e]);
+  }
+  for (const int64_t edge : {lowest, highest})
+    TORCH_CHECK(edge > -kSignedOffset && edge < kSignedOffset, "signed_product takes |v| < 2^16, not ", edge);
+  const auto partial = partial_products(rows, weight_t, limb_count, kSignedOffset, 1, vector);
+  const int64_t n = rows.size(0), out_features = weight_t.size(1), per_limb = n * out_features;
+  const int32_t* ps = partial.data_ptr<int32_t>();
+  const int32_t* column_sums = ps + limb_count * per_limb;
   auto product = torch::empty({n, out_features}, torch::kFloat64);
   double* out = product.data_ptr<double>();
-  for (int64_t e = 0; e < n * out_features; e++) {
-    const int64_t total = recombine(partial.data(), n * out_features, e, limb_count) - kSignedOffset * column_sums[e % out_features];
-    out[e] = static_cast<double>(total);  // |total| < 2^16 * 2048 * 127 < 2^53: exact as a double
-  }
+  const bool avx512 = vector && has_avx512();
+  for_rows(n, out_features, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const int64_t at = r * out_features;
+      if (avx512) {
+        signed_row_avx512(ps, per_limb, at, out_features, limb_count, column_sums, out + at);
+        continue;
+      }
+      for (int64_t j = 0; j < out_features; j++) {
+        const int64_t total = recombine(ps, per_limb, at + j, limb_count) - kSignedOffset * column_sums[j];
+        out[at + j] = static_cast<double>(total);  // |total| < 2^16 * 2048 * 127 < 2^53: exact as a double
+      }
+    }
+  });
   return product;
 }
 
@@ -175,4 +289,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("field_product", &field_product);
   m.def("signed_product", &signed_product);
   m.def("dot_product_instructions", &dot_product_instructions);
+  m.def("avx512", &has_avx512);
 }
