@@ -196,8 +196,8 @@ FIELD_KERNELS = "field_kernels.cpp"
 def _compiled_route(values: Tensor, weight_t: Tensor | PackedInt8Weight, backend: str | None) -> ModuleType | None:
     """The int8 route compiled (`field_kernels.cpp`), where it built: for a decode step's few rows one call instead
     of ~15 small torch ops, for a prefill's many one pass to cut the limbs and one to recombine them instead of
-    ~12 (a 454-token prefill's device products: 0.66 -> 0.44 s). A packed weight or a wider product takes the
-    torch steps."""
+    ~12 (the device's part of a 454-token prefill: 650-764 -> 372-437 ms). A packed weight or a wider product
+    takes the torch steps."""
     if values.shape[-1] > CHUNK or not isinstance(weight_t, Tensor):
         return None
     if weight_t.dtype != torch.int8 or weight_t.device.type != "cpu" or (backend or fastest_backend()) != "int8":
