@@ -12,7 +12,7 @@ from secureinfer.channel import Channel
 from secureinfer.model.config import ModelConfig
 from secureinfer.model.kernels import flat_weights
 from secureinfer.model.llama import KVCache, Llama
-from secureinfer.plan.ops import LAYER_OPS
+from secureinfer.model.ops import LAYER_OPS
 
 # Two rows, the first left-padded by two, so the device also builds a padding mask.
 PROMPT = torch.tensor([[PAD_TOKEN_ID, PAD_TOKEN_ID, 40, 41, 42], [50, 51, 52, 53, 54]])

@@ -13,7 +13,7 @@ from secureinfer.attacks.tamper import MODES, run_tamper_attack, tamper_replies
 from secureinfer.channel import base as channel_base
 from secureinfer.crypto.field import P
 from secureinfer.enclave import runtime as runtime_module
-from secureinfer.plan.ops import weight_names
+from secureinfer.model.ops import weight_names
 
 PROMPT = "the quick brown fox jumps over"
 

@@ -86,7 +86,7 @@ def test_analytic_matmul_flops_equal_torch_flop_counter_on_transformers():
         counter = FlopCounterMode(display=False)
         with counter:
             model(torch.tensor([[5]]), past_key_values=past, use_cache=True, logits_to_keep=1)
-    from secureinfer.plan.ops import op_flops
+    from secureinfer.plan.costs import op_flops
 
     analytic = sum(
         op_flops(op, CONFIG, context) for op, _ in op_sequence(CONFIG) if op in LINEAR_OPS

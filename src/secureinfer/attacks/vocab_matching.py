@@ -30,7 +30,7 @@ from torch import Tensor
 from ..errors import InvalidRequestError
 from ..model.kernels import StepContext, flat_weights, run_ops
 from ..model.llama import KVCache, Llama, apply_rope
-from ..plan.ops import LAYER_OPS
+from ..model.ops import LAYER_OPS
 from .kv_inversion import check_public_model, layer0_kv_weight, normed_embeddings
 from .view import ConversationRecovery, DeviceView
 

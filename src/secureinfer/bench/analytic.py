@@ -14,8 +14,8 @@ from pathlib import Path
 from ..crypto.quant import activation_qmax
 from ..model.config import ModelConfig
 from ..plan import PRESETS, build_plan
-from ..plan.costs import outsourced, plan_costs, weight_shape
-from ..plan.ops import op_flops, weight_names
+from ..model.ops import weight_names
+from ..plan.costs import op_flops, outsourced, plan_costs, weight_shape
 from ..plan.plan import DEVICE, ENCLAVE, LAST_POSITION_OPS, Plan
 from . import source_commit
 

@@ -28,8 +28,8 @@ from ..device.endpoint import torch_device
 from ..engine import GenerationConfig, Generator
 from ..errors import InvalidRequestError
 from ..model import Checkpoint, Llama, load_checkpoint
+from ..model.ops import weight_names
 from ..plan import PRESETS, build_plan
-from ..plan.ops import weight_names
 from ..plan.plan import LAST_POSITION_WEIGHTS
 from . import source_commit
 from .steal import read_cpu_times, steal_share

@@ -30,9 +30,9 @@ from ..crypto.quant import QuantizedWeight, quantize_weight
 from ..crypto.seal import SealStats
 from ..model.kernels import StepContext, flat_weights, run_ops, store_projection, with_adapter
 from ..model.llama import KVCache, LlamaWeights, rope_tables
+from ..model.ops import OPS, weight_names
 from ..plan import DEVICE, ENCLAVE, Plan
 from ..plan.plan import LAST_POSITION_WEIGHTS
-from ..plan.ops import OPS, weight_names
 from .hardening import SecretMemory, make_undumpable
 from .memory import EnclaveMemory
 from .sealed_kv import SealedKVCache

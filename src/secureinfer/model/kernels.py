@@ -15,8 +15,8 @@ from torch import Tensor
 
 from ..crypto.field import field_matmul
 from ..crypto.quant import QuantizedWeight, int8_linear
-from ..plan.ops import OPS, weight_names
 from .config import ModelConfig
+from .ops import OPS, weight_names
 from .llama import KVCache, LayerWeights, LlamaWeights, apply_rope, attention_mask, rms_norm, rotate_pairs, swiglu
 
 

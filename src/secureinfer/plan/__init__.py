@@ -1,4 +1,4 @@
-"""Plans: the op catalogue, placements, named presets and their analytic costs."""
+"""Plans: placements of the model's ops (`model.ops`), named presets and their analytic costs."""
 
 from .plan import DEVICE, ENCLAVE, Placement, Plan, Segment, op_sequence
 from .presets import PRESETS, build_plan, register

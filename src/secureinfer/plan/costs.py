@@ -10,10 +10,55 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..model.config import ModelConfig
-from .ops import PROJECTIONS, op_flops, value_itemsize, value_width, weight_names
+from ..model.ops import PROJECTIONS, weight_names
 from .plan import DEVICE, ENCLAVE, LAST_POSITION_OPS, Plan, Segment
 
 FLOAT_BYTES = 4
+
+
+def value_width(name: str, config: ModelConfig) -> int:
+    """Elements per token of a value (logits count once per sequence in decode; see costs)."""
+    return {
+        "tokens": 1,
+        "x": config.hidden_size,
+        "h": config.hidden_size,
+        "q": config.q_size,
+        "k": config.kv_size,
+        "v": config.kv_size,
+        "a": config.q_size,
+        "o": config.hidden_size,
+        "gu": 2 * config.intermediate_size,
+        "m": config.intermediate_size,
+        "dn": config.hidden_size,
+        "logits": config.vocab_size,
+        "token": 1,
+    }[name]
+
+
+def value_itemsize(name: str) -> int:
+    return 8 if name in ("tokens", "token") else 4  # int64 ids, float32 activations
+
+
+def op_flops(op: str, config: ModelConfig, context: int) -> int:
+    """FLOPs for one token at `context` cached positions: 2 per multiply-add, ~1 per elementwise step."""
+    d, f, heads, hd = config.hidden_size, config.intermediate_size, config.num_heads, config.head_dim
+    return {
+        "embed": 0,
+        "attn_norm": 4 * d,
+        "qkv_proj": 2 * d * (config.q_size + 2 * config.kv_size),
+        "rope": 3 * (config.q_size + config.kv_size),
+        "attention": 4 * heads * hd * context + 5 * heads * context,
+        "o_proj": 2 * config.q_size * d,
+        "attn_residual": d,
+        "ffn_norm": 4 * d,
+        "gate_up_proj": 2 * d * 2 * f,
+        "swiglu": 5 * f,
+        "down_proj": 2 * f * d,
+        "ffn_residual": d,
+        "final_norm": 4 * d,
+        "lm_head": 2 * d * config.vocab_size,
+        "sample": config.vocab_size,
+    }[op]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Mapping
 
 from ..errors import InvalidRequestError
 from ..model.config import ModelConfig
-from .ops import LAYER_OPS, OPS, PROJECTIONS, weight_names
+from ..model.ops import LAYER_OPS, OPS, PROJECTIONS, weight_names
 
 ENCLAVE, DEVICE = "enclave", "device"
 SIDES = (ENCLAVE, DEVICE)

@@ -51,8 +51,8 @@ from typing import Iterable, Mapping
 from ..enclave.memory import CYCLES_PER_PAGE, MIB, PAGE_BYTES
 from ..errors import InvalidRequestError, SecureInferError
 from ..model.config import ModelConfig
-from .costs import FLOAT_BYTES, PlanCosts, blinded_columns, outsourced, plan_costs, weight_shape
-from .ops import OPS, PROJECTIONS, op_flops, weight_names
+from ..model.ops import OPS, PROJECTIONS, weight_names
+from .costs import FLOAT_BYTES, PlanCosts, blinded_columns, op_flops, outsourced, plan_costs, weight_shape
 from .plan import DEVICE, ENCLAVE, Placement, Plan, op_sequence
 from .presets import PRESETS, build_plan
 

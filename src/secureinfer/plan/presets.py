@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ..errors import InvalidRequestError
 from ..model.config import ModelConfig
-from .ops import PROJECTIONS
+from ..model.ops import PROJECTIONS
 from .plan import DEVICE, ENCLAVE, Plan, uniform_plan
 
 
