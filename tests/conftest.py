@@ -83,7 +83,7 @@ def real_hf_model():
 
 @pytest.fixture(params=["compiled", "torch"])
 def int8_route(request, monkeypatch):
-    """Run a test on the int8 route's few-row compiled kernel (which builds here), then on its torch steps."""
+    """Run a test on the int8 route's compiled kernel (which builds here), then on its torch steps."""
     from secureinfer.crypto import field
 
     if request.param == "compiled":
