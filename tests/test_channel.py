@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -447,3 +448,14 @@ def test_an_unreferenced_channel_leaves_no_device_process(model):
     del channel
     gc.collect()
     assert process.wait(timeout=10) == 0  # it saw EOF and exited by itself
+
+
+def test_the_device_side_loads_no_enclave_or_planning_code():
+    """The device process runs `secureinfer.device`: it must not even import the code that holds secrets (enclave)
+    or decides what it is shown (plan), so no secret can reach it through a shared module."""
+    probe = (
+        "import sys, secureinfer.device.__main__; "
+        "print(sorted(m for m in sys.modules if m.startswith(('secureinfer.enclave', 'secureinfer.plan', 'secureinfer.api'))))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
