@@ -53,12 +53,17 @@ void quantize_pad_row(const float* row, const int64_t* r, int64_t d, float s, fl
 
 #define AVX512 __attribute__((target("avx512f,avx512dq,avx512vl")))
 
+// The lanes of a vector of `width` that hold one of the `left` elements still to do.
+inline __mmask16 first_lanes(int64_t left, int64_t width) {
+  return left >= width ? static_cast<__mmask16>((1u << width) - 1) : static_cast<__mmask16>((1u << left) - 1);
+}
+
 AVX512 float row_scale_avx512(const float* row, int64_t d, float limit) {
   const __m512 magnitude_bits = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   __m512 amax = _mm512_setzero_ps();
   __mmask16 nan = 0;
   for (int64_t j = 0; j < d; j += 16) {
-    const __mmask16 lanes = d - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (d - j)) - 1);
+    const __mmask16 lanes = first_lanes(d - j, 16);
     const __m512 magnitude = _mm512_and_ps(_mm512_maskz_loadu_ps(lanes, row + j), magnitude_bits);
     nan |= _mm512_cmp_ps_mask(magnitude, magnitude, _CMP_UNORD_Q);
     amax = _mm512_max_ps(amax, magnitude);
@@ -74,7 +79,7 @@ AVX512 void quantize_pad_row_avx512(const float* row, const int64_t* r, int64_t 
   const __m512i modulus = _mm512_set1_epi64(p), zero = _mm512_setzero_si512();
   for (int64_t j = 0; j < d; j += 16) {
     const int64_t left = d - j;
-    const __mmask16 lanes = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 lanes = first_lanes(left, 16);
     const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(lanes, row + j), scale),
                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     // max(x, -limit) returns -limit for a NaN x, as fmax does; the value is then an exact integer in range.
@@ -82,7 +87,7 @@ AVX512 void quantize_pad_row_avx512(const float* row, const int64_t* r, int64_t 
     for (int half = 0; half < 2; half++) {
       const int64_t offset = j + 8 * half, count = left - 8 * half;
       if (count <= 0) break;
-      const __mmask8 part = count >= 8 ? 0xff : static_cast<__mmask8>((1u << count) - 1);
+      const __mmask8 part = first_lanes(count, 8);
       const __m512i value = _mm512_cvtepi32_epi64(half ? _mm512_extracti64x4_epi64(values, 1)
                                                        : _mm512_castsi512_si256(values));
       _mm512_mask_storeu_epi64(q + offset, part, value);
@@ -144,7 +149,7 @@ AVX512 void unpad_row_avx512(const int64_t* y, const int64_t* u, int64_t columns
   const __m512d row = _mm512_set1_pd(rs);
   for (int64_t j = 0; j < columns; j += 8) {
     const int64_t left = columns - j;
-    const __mmask8 lanes = left >= 8 ? 0xff : static_cast<__mmask8>((1u << left) - 1);
+    const __mmask8 lanes = first_lanes(left, 8);
     const __m512i ys = _mm512_maskz_loadu_epi64(lanes, y + j), us = _mm512_maskz_loadu_epi64(lanes, u + j);
     if ((_mm512_cmpge_epi64_mask(ys, zero) & _mm512_cmplt_epi64_mask(ys, modulus) & lanes) != lanes) {
       for (int64_t k = j; k < j + std::min<int64_t>(8, left); k++) out[k] = unpad_one(y[k], u[k], p, rs, cs[k]);
@@ -163,7 +168,7 @@ AVX512 void rescale_row_avx512(const double* own, int64_t columns, double rs, co
   const __m512d row = _mm512_set1_pd(rs);
   for (int64_t j = 0; j < columns; j += 8) {
     const int64_t left = columns - j;
-    const __mmask8 lanes = left >= 8 ? 0xff : static_cast<__mmask8>((1u << left) - 1);
+    const __mmask8 lanes = first_lanes(left, 8);
     const __m512d scaled = _mm512_mul_pd(_mm512_mul_pd(_mm512_maskz_loadu_pd(lanes, own + j), row),
                                          _mm512_maskz_loadu_pd(lanes, cs + j));
     _mm256_mask_storeu_ps(out + j, lanes, _mm512_cvtpd_ps(scaled));

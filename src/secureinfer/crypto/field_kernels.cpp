@@ -43,6 +43,9 @@ constexpr int64_t kGrainElements = 1 << 15;
 
 #define AVX512 __attribute__((target("avx512f,avx512dq,avx512vl")))
 
+// The lanes of an 8-lane vector that hold one of the `left` elements still to do.
+inline __mmask8 first_lanes(int64_t left) { return left >= 8 ? 0xff : static_cast<__mmask8>((1u << left) - 1); }
+
 bool has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512vl");
@@ -128,7 +131,7 @@ AVX512 void cut_limbs_avx512(const int64_t* vs, int64_t n, int64_t d, int64_t co
   const __m512i shift = _mm512_set1_epi64(offset), mask = _mm512_set1_epi64(kLimbMask);
   for (int64_t r = begin; r < end; r++) {
     for (int64_t i = 0; i < d; i += 8) {
-      const __mmask8 lanes = d - i >= 8 ? 0xff : static_cast<__mmask8>((1u << (d - i)) - 1);
+      const __mmask8 lanes = first_lanes(d - i);
       const __m512i v = _mm512_add_epi64(_mm512_maskz_loadu_epi64(lanes, vs + r * d + i), shift);
       for (int64_t k = 0; k < count; k++) {  // arithmetic shifts, as the scalar loop's >>
         const __m512i limb = _mm512_and_si512(_mm512_sra_epi64(v, _mm_cvtsi64_si128(kLimbBits * k)), mask);
@@ -136,6 +139,12 @@ AVX512 void cut_limbs_avx512(const int64_t* vs, int64_t n, int64_t d, int64_t co
       }
     }
   }
+}
+
+// Runs row(begin, end) over the n rows of an [n, columns] array, split over torch's threads.
+template <typename Rows>
+void for_rows(int64_t n, int64_t columns, const Rows& row) {
+  at::parallel_for(0, n, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(columns, 1)), row);
 }
 
 // The limbs' int32 partial products with the weight ([count * n + extra, out], limb-major), by whichever multiply
@@ -160,7 +169,7 @@ torch::Tensor partial_products(const torch::Tensor& rows, const torch::Tensor& w
   auto limbs = torch::empty({limb_rows, d}, torch::kInt8);  // 7-bit limbs: the same bytes as int8
   uint8_t* bytes = reinterpret_cast<uint8_t*>(limbs.data_ptr<int8_t>());
   const bool avx512 = vector && has_avx512();
-  at::parallel_for(0, n, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+  for_rows(n, d, [&](int64_t begin, int64_t end) {
     if (avx512) {
       cut_limbs_avx512(vs, n, d, count, offset, d, bytes, begin, end);
     } else {
@@ -196,7 +205,7 @@ AVX512 __m512i reduce_avx512(__m512i t) {
 AVX512 void field_row_avx512(const int32_t* partial, int64_t per_limb, int64_t at, int64_t columns, int64_t count,
                              int64_t* out) {
   for (int64_t j = 0; j < columns; j += 8) {
-    const __mmask8 lanes = columns - j >= 8 ? 0xff : static_cast<__mmask8>((1u << (columns - j)) - 1);
+    const __mmask8 lanes = first_lanes(columns - j);
     _mm512_mask_storeu_epi64(out + j, lanes, reduce_avx512(recombine_avx512(partial, per_limb, at + j, count, lanes)));
   }
 }
@@ -204,18 +213,12 @@ AVX512 void field_row_avx512(const int32_t* partial, int64_t per_limb, int64_t a
 AVX512 void signed_row_avx512(const int32_t* partial, int64_t per_limb, int64_t at, int64_t columns, int64_t count,
                               const int32_t* column_sums, double* out) {
   for (int64_t j = 0; j < columns; j += 8) {
-    const __mmask8 lanes = columns - j >= 8 ? 0xff : static_cast<__mmask8>((1u << (columns - j)) - 1);
+    const __mmask8 lanes = first_lanes(columns - j);
     const __m512i sums = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(lanes, column_sums + j));
     const __m512i total = _mm512_sub_epi64(recombine_avx512(partial, per_limb, at + j, count, lanes),
                                            _mm512_slli_epi64(sums, kSignedOffsetBits));
     _mm512_mask_storeu_pd(out + j, lanes, _mm512_cvtepi64_pd(total));
   }
-}
-
-// Runs row(begin, end) over the n rows of an [n, columns] result, split over torch's threads.
-template <typename Rows>
-void for_rows(int64_t n, int64_t columns, const Rows& row) {
-  at::parallel_for(0, n, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(columns, 1)), row);
 }
 
 }  // namespace
