@@ -14,7 +14,7 @@ import secureinfer
 from gguf_fixtures import tiny_llama_config, tiny_llama_model, write_llama_gguf
 from scheme_runs import forward_logits, padded_batch
 from secureinfer.channel import DeviceFailed
-from secureinfer.channel.wire import ERROR
+from secureinfer.channel.wire import COMPACT, ERROR, PREFIX, PRODUCT_REPLY, PRODUCT_REQUEST
 from secureinfer.attacks.traffic import regression_r_squared, uniformity_p_value
 from secureinfer.crypto.field import (
     BACKENDS, BYTE_LIMBS_FROM, CHUNK, HORNER_FROM, MAX_INNER_DIM, PACK_FROM_BYTES, PACKED_MAX_INNER_DIM, PAIRED_LIMBS_UP_TO, FIELD_KERNELS, LIMBS, SIGNED_LIMBS, PackedInt8Weight, _limbs_from_bytes, P, build, centred_difference, fastest_backend, field_matmul, packing_available, product_weight, signed_matmul, to_signed,
@@ -322,6 +322,30 @@ def test_the_secureinfer_device_view_is_uniform_and_holds_nothing_in_clear(tmp_p
     assert all(w.dtype == torch.int8 for w in device_weights.values())
     norms = [w for name, w in fp32_weights.items() if name.endswith("norm")]
     assert not any(torch.equal(w, n) for w in device_weights.values() for n in norms if w.shape == n.shape)
+
+
+@pytest.mark.parametrize("channel", ["process", "inprocess"])
+def test_a_blinded_schemes_products_cross_with_compact_headers(checkpoint, channel):
+    """Every `run` of `secureinfer` is a blinded product: each goes with a compact header and comes back with one,
+    and its frame is that header and its one tensor (one prompt: no left pads)."""
+    with secureinfer.SecureLM(checkpoint, "secureinfer", channel=channel) as lm:
+        trips, device = [], lm.runtime.channel
+        send, receive = device._send, device._receive
+
+        def spy_send(kind, frame):
+            trips.append([kind, PREFIX.unpack(frame.to_bytes()[: PREFIX.size])[0] & COMPACT, frame.nbytes - frame.payload_nbytes])
+            send(kind, frame)
+
+        def spy_receive(kind):
+            reply = receive(kind)
+            trips[-1] += [reply.compact, reply.nbytes - reply.payload_nbytes]
+            return reply
+
+        device._send, device._receive = spy_send, spy_receive
+        lm.generate(PROMPTS[1], max_new_tokens=5, ignore_eos=True)
+    runs = [trip for trip in trips if trip[0] == "run"]
+    assert len(runs) > 5 and [trip[0] for trip in trips if trip[0] != "run"] == ["new_cache", "close"]  # in JSON
+    assert all(trip[1:] == [COMPACT, PREFIX.size + PRODUCT_REQUEST.size, True, PREFIX.size + PRODUCT_REPLY.size] for trip in runs)
 
 
 def test_each_products_pads_are_taken_while_the_device_computes_the_one_before(checkpoint):

@@ -28,16 +28,23 @@ from secureinfer.channel import (
 )
 from secureinfer.channel import base as channel_base
 from secureinfer.channel.wire import (
+    COMPACT,
     DTYPES,
     ERROR,
     MAX_HEADER_BYTES,
+    OK,
     PREFIX,
+    PRODUCT_REPLY,
+    PRODUCT_REQUEST,
     READ_AHEAD_BYTES,
     READY,
+    BufferReader,
     ProtocolError,
     SocketReader,
     decode_frame,
     encode_frame,
+    encode_reply,
+    encode_request,
     read_frame,
     send_frame,
 )
@@ -219,6 +226,123 @@ MALFORMED = {
     "truncated payload": VALID[:-1],
     "stray bytes after the frame": VALID + b"\0",
 }
+
+
+# --- compact headers: a blinded product's request and reply -------------------------------------------
+
+
+def blinded_meta(**changes) -> dict:
+    meta = {"step": 7, "start": 12, "batch": 2, "length": 1, "pad": None, "last_only": True,
+            "ops": [["down_proj", 3]], "returns": ["y"], "blinded": True}  # fmt: skip
+    return {**meta, **changes}
+
+
+V = torch.randint(0, 2**31 - 1, (2, 9), dtype=torch.int64)
+
+
+def header_bits(frame) -> int:
+    return PREFIX.unpack(frame.to_bytes()[: PREFIX.size])[0]
+
+
+def same_frame(got, expected) -> bool:
+    """Kind, meta (types and key order too: True is not 1 here) and tensors alike."""
+    return (
+        got.kind == expected.kind
+        and json.dumps(got.meta) == json.dumps(expected.meta)
+        and got.tensors.keys() == expected.tensors.keys()
+        and all(torch.equal(got.tensors[n], t) and got.tensors[n].dtype == t.dtype for n, t in expected.tensors.items())
+    )
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [blinded_meta(), blinded_meta(ops=[["lm_head", None]], last_only=False), blinded_meta(pad=[3, 0], length=4)],
+    ids=["a layer's product", "the LM head, every position", "a left-padded batch"],
+)
+def test_a_blinded_product_travels_compact_and_decodes_as_its_json_frame(meta):
+    request = encode_request("run", meta, {"v": V})
+    as_json = encode_frame("run", meta, {"v": V})
+    assert header_bits(request) & COMPACT and not header_bits(as_json) & COMPACT
+    assert request.nbytes < as_json.nbytes and request.payload_nbytes == as_json.payload_nbytes
+    got, expected = decode_frame(request.to_bytes()), decode_frame(as_json.to_bytes())
+    assert same_frame(got, expected) and got.compact and not expected.compact
+    y = torch.randint(0, 2**31 - 1, (2, 5), dtype=torch.int64)
+    reply = encode_reply(got, OK, {"compute_s": 0.25}, {"y": y})
+    assert header_bits(reply) & COMPACT and reply.nbytes == PREFIX.size + PRODUCT_REPLY.size + y.numel() * 8
+    assert same_frame(decode_frame(reply.to_bytes()), decode_frame(encode_frame(OK, {"compute_s": 0.25}, {"y": y}).to_bytes()))
+    # an error, or an ok to a JSON request, goes as JSON
+    assert not header_bits(encode_reply(got, ERROR, {"message": "no"}, {})) & COMPACT
+    assert not header_bits(encode_reply(expected, OK, {"compute_s": 0.25}, {"y": y})) & COMPACT
+
+
+@pytest.mark.parametrize(
+    ("kind", "meta", "tensors"),
+    [
+        ("run", {**blinded_meta(), "blinded": False}, {"v": V}),
+        ("run", blinded_meta(), {"v": V.float()}),
+        ("run", blinded_meta(), {"v": V.view(2, 3, 3)}),
+        ("run", blinded_meta(), {"v": V, "w": V}),
+        ("run", blinded_meta(ops=[["attention", 0]]), {"v": V}),
+        ("run", blinded_meta(ops=[["o_proj", 0], ["o_proj", 1]]), {"v": V}),
+        ("run", blinded_meta(pad=[1, 2, 3]), {"v": V}),
+        ("run", blinded_meta(start=-1), {"v": V}),
+        ("run", {**blinded_meta(), "extra": 1}, {"v": V}),
+        ("put_weights", blinded_meta(), {"v": V}),
+    ],
+    ids=["not blinded", "float", "3-D", "two tensors", "not a projection", "two ops", "pads not one a row",
+         "negative start", "a meta key more", "another kind"],  # fmt: skip
+)
+def test_what_no_compact_header_holds_goes_as_json_whole(kind, meta, tensors):
+    frame = encode_request(kind, meta, tensors)
+    assert not header_bits(frame) & COMPACT
+    assert same_frame(decode_frame(frame.to_bytes()), decode_frame(encode_frame(kind, meta, tensors).to_bytes()))
+
+
+def compact_request(payload: bytes = V.numpy().tobytes(), pads: bytes = b"", **fields) -> bytes:
+    values = {"tag": 1, "op": 3, "layer": 3, "step": 7, "start": 12, "batch": 2, "length": 1, "last_only": 1,
+              "padded": 0, "rows": 2, "cols": 9, **fields}  # fmt: skip
+    head = PRODUCT_REQUEST.pack(*values.values()) + pads
+    return PREFIX.pack(len(head) | COMPACT, len(payload)) + head + payload
+
+
+def compact_reply(tag: int = 2, rows: int = 1, cols: int = 2, payload: bytes = b"\0" * 16) -> bytes:
+    head = PRODUCT_REPLY.pack(tag, 0.5, rows, cols)
+    return PREFIX.pack(len(head) | COMPACT, len(payload)) + head + payload
+
+
+def test_the_malformed_compact_frames_below_differ_from_valid_ones_by_their_one_field():
+    assert same_frame(decode_frame(compact_request()), decode_frame(encode_frame("run", blinded_meta(), {"v": V}).to_bytes()))
+    assert decode_frame(compact_request(padded=1, pads=b"\0" * 16)).meta["pad"] == [0, 0]
+    assert decode_frame(compact_reply()).meta == {"compute_s": 0.5}
+
+
+
+def test_a_compact_frame_whose_shape_is_shorter_than_its_prefix_says_is_refused_mid_stream():
+    """Read from a stream, a frame that took fewer bytes than its prefix declares would leave the rest to be read as
+    the next frame's start."""
+    stream = BufferReader(compact_request(rows=1) + compact_reply())
+    with pytest.raises(ProtocolError, match="not 144"):
+        read_frame(stream)
+
+
+MALFORMED.update({
+    "compact: unknown tag": compact_request(tag=9),
+    "compact: a reply's tag on a request's header": compact_request(tag=2),
+    "compact: op past the projections": compact_request(op=5),
+    "compact: layer below -1": compact_request(layer=-2),
+    "compact: last_only neither 0 nor 1": compact_request(last_only=2),
+    "compact: padded neither 0 nor 1": compact_request(padded=2),
+    "compact: padded without the pads": compact_request(padded=1),
+    "compact: pads when not padded": compact_request(pads=b"\0" * 16),
+    "compact: fewer pads than rows of the batch": compact_request(padded=1, pads=b"\0" * 8),
+    "compact: shape and payload disagree": compact_request(rows=3),
+    "compact: truncated payload": compact_request()[:-1],
+    "compact: a header that fits no layout": PREFIX.pack(5 | COMPACT, 0) + b"\x02" * 5,
+    "compact: an empty header": PREFIX.pack(COMPACT, 0),
+    "compact: a request's tag on a reply's header": compact_reply(tag=1),
+    "compact: reply shape and payload disagree": compact_reply(cols=3),
+    "compact: header over 64 MiB": PREFIX.pack((MAX_HEADER_BYTES + 1) | COMPACT, 0),
+})
 
 
 @pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from ..errors import SecureInferError
-from .wire import ERROR, OK, EncodedFrame, Frame, Tensors, encode_frame
+from .wire import ERROR, OK, EncodedFrame, Frame, Tensors, encode_request
 
 RESTART_FIX = "restart the device (SecureLM.restart_device()) and retry the request"
 
@@ -110,7 +110,7 @@ class Channel(ABC):
         # that died since shows up in the exchange below as its end closing, raised with how it ended.
         if self._closed:
             raise DeviceDied(f"cannot send {kind!r}: the device channel is closed")
-        request = encode_frame(kind, meta or {}, tensors or {})
+        request = encode_request(kind, meta or {}, tensors or {})
         started = time.perf_counter()
         overlapped_s, overlapped_error = 0.0, None
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import Channel, DeviceProtocolError
-from .wire import EncodedFrame, Frame, ProtocolError, decode_frame, encode_frame
+from .wire import EncodedFrame, Frame, ProtocolError, decode_frame, encode_reply
 
 if TYPE_CHECKING:  # the device package imports the wire format from this one
     from ..device.endpoint import DeviceEndpoint
@@ -28,7 +28,7 @@ class InProcessChannel(Channel):
         delivered, self._delivered = self._delivered, None
         reply = self.endpoint.dispatch(delivered.kind, delivered.meta, delivered.tensors)
         try:
-            return decode_frame(encode_frame(*reply).to_bytes())
+            return decode_frame(encode_reply(delivered, *reply).to_bytes())
         except ProtocolError as error:
             raise DeviceProtocolError(f"the in-process device's reply to {kind!r} cannot be framed: {error}") from None
 

@@ -14,7 +14,17 @@ import sys
 
 import torch
 
-from ..channel.wire import ERROR, READY, SPIN_S, ProtocolError, SocketReader, encode_frame, read_frame, send_frame
+from ..channel.wire import (
+    ERROR,
+    READY,
+    SPIN_S,
+    ProtocolError,
+    SocketReader,
+    encode_frame,
+    encode_reply,
+    read_frame,
+    send_frame,
+)
 from ..errors import SecureInferError
 from .endpoint import DeviceEndpoint
 from .recorder import ViewRecorder
@@ -36,7 +46,7 @@ def serve(sock: socket.socket, endpoint: DeviceEndpoint) -> int:
                 with contextlib.suppress(OSError):
                     send_frame(sock, encode_frame(ERROR, {"message": f"malformed frame: {error}"}, {}))
                 return EXIT_BAD_FRAME
-            send_frame(sock, encode_frame(*endpoint.dispatch(request.kind, request.meta, request.tensors)))
+            send_frame(sock, encode_reply(request, *endpoint.dispatch(request.kind, request.meta, request.tensors)))
             if request.kind == "close":
                 return EXIT_OK
     except (BrokenPipeError, ConnectionResetError):
