@@ -48,9 +48,9 @@ SPIN_S = 1e-3
 # their tensor.
 READ_AHEAD_BYTES = 64 << 10
 
-# The compact headers (module docstring). Measured with a decode step's 121 trips on this 2-core VM, alternating
-# processes: the transfer the device's compute does not explain fell from 34-47 to 22-38 us a trip (share of the
-# token 0.17-0.19 -> 0.12-0.15).
+# The compact headers (module docstring). Measured on this 2-core VM, `secureinfer` decoding, old and new code
+# alternated (3 pairs, 4 x 32 tokens each): the wait the device's compute does not explain, median a trip, 32-38 ->
+# 24-33 us; its share of a token 0.16-0.18 -> 0.12-0.15. JSON was not the cost: fewer steps on each side were.
 COMPACT = 1 << 63  # set in a prefix's header length: the header is a compact one
 REQUEST_TAG, REPLY_TAG = 1, 2
 # tag, op (index in PROJECTIONS), layer (-1: none), step, start, batch, length, last_only, padded, then the rows and
