@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..model.ops import PROJECTIONS
 
-PREFIX = struct.Struct("<QQ")  # header-JSON length, payload length
+PREFIX = struct.Struct("<QQ")  # header length (its top bit set: a compact header), payload length
 MAX_HEADER_BYTES = 64 << 20
 IOV_MAX = 1024  # Linux caps the buffers one sendmsg call may take
 # How long each side polls for the other's next frame before it sleeps (see SocketReader). Most replies
